@@ -1,0 +1,41 @@
+"""The ProGAN ops. Every model op goes through these functions so kernel backends slot in.
+
+One op family = one file: its eager ``reference``, (later) its Triton kernels and native
+dispatch, and the public function that picks a backend. ``backend=None`` uses the process-wide
+default, set once by the trainer's ``--backend`` via :func:`set_default_backend`.
+"""
+
+from . import conv_act, fade_in as _fade_in_module, minibatch_stddev as _mbstd_module, pixel_norm as _pixel_norm_module
+from ._backend import BackendUnavailableError, KNOWN_BACKENDS, get_default_backend, set_default_backend
+from .conv_act import conv2d_bias_lrelu
+from .fade_in import blend, downsample2x, fade_in
+from .minibatch_stddev import effective_group_size, minibatch_stddev
+from .pixel_norm import pixel_norm
+
+
+def all_op_implementations() -> dict[str, dict]:
+    """``{op name: {backend: implementation}}`` for every public op."""
+    return {
+        "conv2d_bias_lrelu": conv_act.IMPLEMENTATIONS,
+        "pixel_norm": _pixel_norm_module.IMPLEMENTATIONS,
+        "minibatch_stddev": _mbstd_module.IMPLEMENTATIONS,
+        "fade_in": _fade_in_module.FADE_IN_IMPLEMENTATIONS,
+        "blend": _fade_in_module.BLEND_IMPLEMENTATIONS,
+        "downsample2x": _fade_in_module.DOWNSAMPLE_IMPLEMENTATIONS,
+    }
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "KNOWN_BACKENDS",
+    "all_op_implementations",
+    "blend",
+    "conv2d_bias_lrelu",
+    "downsample2x",
+    "effective_group_size",
+    "fade_in",
+    "get_default_backend",
+    "minibatch_stddev",
+    "pixel_norm",
+    "set_default_backend",
+]
