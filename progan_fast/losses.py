@@ -1,0 +1,100 @@
+"""GAN losses, computed from D's raw outputs (logits) so every log-sigmoid is numerically stable.
+
+With ``D(x) = sigmoid(l)``: ``log D(x) = -softplus(-l)`` and ``log(1 - D(x)) = -softplus(l)``.
+
+- ``nonsat`` (default; the seeds' training procedure):
+  ``L_D = -(E[log D(x)] + E[log(1 - D(G(z)))])`` and the non-saturating ``L_G' = -E[log D(G(z))]``.
+- ``minimax``: the same ``L_D`` with the original saturating ``L_G = E[log(1 - D(G(z)))]``.
+- ``wgan-gp`` (ProGAN paper, appendix A.1; official defaults):
+  ``L_D = E[D(G(z))] - E[D(x)] + lambda * E[(||grad D(x_hat)|| - 1)^2] + drift * E[D(x)^2]`` with
+  ``x_hat`` a per-sample uniform mix of real and fake, ``lambda = 10``, ``drift = 0.001``;
+  ``L_G = -E[D(G(z))]``.
+
+Expectations are batch means. The functions take logits and return scalar tensors; the
+gradient-penalty helper takes D itself because it differentiates through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("nonsat", "minimax", "wgan-gp")
+WGAN_LAMBDA = 10.0
+WGAN_DRIFT = 0.001
+WGAN_TARGET = 1.0
+
+
+def d_logistic(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """``-(E[log D(x)] + E[log(1 - D(G(z)))])`` for ``nonsat`` and ``minimax``."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_nonsaturating(fake_logits: torch.Tensor) -> torch.Tensor:
+    """``L_G' = -E[log D(G(z))]``."""
+    return F.softplus(-fake_logits).mean()
+
+
+def g_minimax(fake_logits: torch.Tensor) -> torch.Tensor:
+    """``L_G = E[log(1 - D(G(z)))]`` (saturates when D wins; kept for comparison)."""
+    return -F.softplus(fake_logits).mean()
+
+
+def d_wgan(real_scores: torch.Tensor, fake_scores: torch.Tensor, drift: float = WGAN_DRIFT) -> torch.Tensor:
+    """WGAN critic loss with ProGAN's drift term ``drift * E[D(x)^2]`` (penalty added separately)."""
+    return fake_scores.mean() - real_scores.mean() + drift * real_scores.square().mean()
+
+
+def g_wgan(fake_scores: torch.Tensor) -> torch.Tensor:
+    return -fake_scores.mean()
+
+
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor],
+    reals: torch.Tensor,
+    fakes: torch.Tensor,
+    mix: torch.Tensor | None = None,
+    weight: float = WGAN_LAMBDA,
+    target: float = WGAN_TARGET,
+) -> torch.Tensor:
+    """``weight / target**2 * E[(||grad_x D(x_hat)||_2 - target)^2]`` with ``x_hat = lerp(reals, fakes, mix)``.
+
+    ``mix`` is ``[N, 1, 1, 1]`` uniform in [0, 1) (drawn here when not given). The graph is kept
+    (``create_graph``) so the penalty's gradient reaches D's parameters: a double backward.
+    """
+    if mix is None:
+        mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
+    mixed = torch.lerp(reals.detach(), fakes.detach(), mix).requires_grad_(True)
+    scores = critic(mixed)
+    (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    norms = grad.flatten(1).norm(dim=1)
+    return (norms - target).square().mean() * (weight / target**2)
+
+
+def discriminator_loss(
+    kind: str, critic: Callable[[torch.Tensor], torch.Tensor], reals: torch.Tensor, fakes: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """D's loss for ``kind`` and the detached terms worth logging."""
+    real_out, fake_out = critic(reals), critic(fakes)
+    stats = {"D_real": real_out.detach().mean(), "D_fake": fake_out.detach().mean()}
+    if kind in ("nonsat", "minimax"):
+        loss = d_logistic(real_out, fake_out)
+    elif kind == "wgan-gp":
+        penalty = gradient_penalty(critic, reals, fakes)
+        loss = d_wgan(real_out, fake_out) + penalty
+        stats["penalty"] = penalty.detach()
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    return loss, stats
+
+
+def generator_loss(kind: str, fake_out: torch.Tensor) -> torch.Tensor:
+    if kind == "nonsat":
+        return g_nonsaturating(fake_out)
+    if kind == "minimax":
+        return g_minimax(fake_out)
+    if kind == "wgan-gp":
+        return g_wgan(fake_out)
+    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")

@@ -1,0 +1,217 @@
+"""ProGAN generator and discriminator (Karras et al. 2017, table 2 and the official code).
+
+Both networks are built once for ``max_res`` and run at any resolution ``res <= max_res``;
+layers above ``res`` simply are not used yet. Parameters are keyed by resolution
+(``blocks.16.conv0.weight``), so a network built for a larger ``max_res`` loads a smaller one's
+state dict and grows a finished run further (:meth:`load_grown_state_dict`).
+
+Details the paper leaves open follow the official implementation (tkarras/progressive_growing_of_gans):
+
+- feature maps at resolution ``2**r`` are ``nf(r - 1)`` with ``nf(s) = min(fmap_base / 2**s, fmap_max)``;
+- G's first layer is a dense layer from the (pixel-normalized) latent to ``4x4xC`` with gain
+  ``sqrt(2)/4`` and one bias per channel, then leaky-ReLU and pixel norm;
+- every conv uses gain ``sqrt(2)``, toRGB gain 1 and no activation (the image is linear, no tanh);
+- D's last block: minibatch stddev, conv3x3 to ``nf(1)``, dense ``4x4 -> nf(0)``, dense to one
+  logit with gain 1 and no activation;
+- D's blocks are conv3x3 ``nf(r-1)``, conv3x3 ``nf(r-2)``, then 2x average pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import ops
+from .ops.fade_in import Alpha
+
+SQRT2 = math.sqrt(2.0)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Shape of both networks. ``max_res`` may grow on resume; the rest may not."""
+
+    max_res: int = 32
+    latent_size: int = 512
+    fmap_base: int = 8192
+    fmap_max: int = 512
+    mbstd_group_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_res < 4 or self.max_res & (self.max_res - 1):
+            raise ValueError(f"max_res must be a power of two >= 4, got {self.max_res}")
+
+    def nf(self, stage: int) -> int:
+        return max(1, min(int(self.fmap_base / 2.0**stage), self.fmap_max))
+
+    def channels(self, res: int) -> int:
+        """Feature maps of the layers working at resolution ``res``."""
+        return self.nf(int(math.log2(res)) - 1)
+
+    def resolutions(self) -> list[int]:
+        return [2**r for r in range(2, int(math.log2(self.max_res)) + 1)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EqualizedConv2d(nn.Module):
+    """Conv (or, with ``kernel=1`` on ``[N, C, 1, 1]``, dense) layer with equalized learning rate.
+
+    The weight is drawn N(0, 1) and multiplied at run time by ``gain / sqrt(fan_in)``; the bias
+    starts at zero.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        gain: float = SQRT2,
+        activation: bool = True,
+        pixel_norm: bool = False,
+        upsample: bool = False,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.scale = gain / math.sqrt(in_channels * kernel * kernel)
+        self.activation = activation
+        self.pixel_norm = pixel_norm
+        self.upsample = upsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d_bias_lrelu(
+            x, self.weight, self.bias, self.scale,
+            activation=self.activation, upsample=self.upsample, pixel_norm=self.pixel_norm,
+        )
+
+    def extra_repr(self) -> str:
+        o, i, k, _ = self.weight.shape
+        return f"{i}->{o}, kernel={k}, scale={self.scale:.4g}, act={self.activation}, pn={self.pixel_norm}, up={self.upsample}"
+
+
+class GeneratorInput(nn.Module):
+    """Latent -> pixel norm -> dense to 4x4xC (gain sqrt(2)/4, one bias per channel) -> lReLU -> pixel norm."""
+
+    def __init__(self, latent_size: int, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.randn(channels * 16, latent_size, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.scale = (SQRT2 / 4) / math.sqrt(latent_size)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        n = z.shape[0]
+        x = ops.pixel_norm(z.reshape(n, -1, 1, 1))
+        # Output feature k of the dense layer is channel k // 16 of the 4x4 map, so repeating each
+        # channel's bias 16 times is exactly the official "dense, reshape, add per-channel bias".
+        x = ops.conv2d_bias_lrelu(
+            x, self.weight, self.bias.repeat_interleave(16), self.scale, activation=True, pixel_norm=True,
+        )
+        return x.reshape(n, self.channels, 4, 4)
+
+
+class Generator(nn.Module):
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        c4 = config.channels(4)
+        self.input = GeneratorInput(config.latent_size, c4)
+        self.conv4 = EqualizedConv2d(c4, c4, 3, pixel_norm=True)
+        self.blocks = nn.ModuleDict()
+        self.to_rgb = nn.ModuleDict({"4": EqualizedConv2d(c4, 3, 1, gain=1.0, activation=False)})
+        for res in config.resolutions()[1:]:
+            self._add_resolution(res)
+
+    def _add_resolution(self, res: int) -> None:
+        cin, cout = self.config.channels(res // 2), self.config.channels(res)
+        self.blocks[str(res)] = nn.Sequential(
+            EqualizedConv2d(cin, cout, 3, pixel_norm=True, upsample=True),
+            EqualizedConv2d(cout, cout, 3, pixel_norm=True),
+        )
+        self.to_rgb[str(res)] = EqualizedConv2d(cout, 3, 1, gain=1.0, activation=False)
+
+    def forward(self, z: torch.Tensor, res: int, alpha: Alpha | None = None) -> torch.Tensor:
+        """Images ``[N, 3, res, res]`` from latents ``[N, latent_size]``.
+
+        ``alpha`` is None in a stabilize phase (new path only) and the fade weight in a fade phase.
+        """
+        x = self.conv4(self.input(z))
+        prev = x
+        r = 8
+        while r <= res:
+            prev = x
+            x = self.blocks[str(r)](x)
+            r *= 2
+        rgb = self.to_rgb[str(res)](x)
+        if alpha is not None and res > 4:
+            rgb = ops.fade_in(self.to_rgb[str(res // 2)](prev), rgb, alpha)
+        return rgb
+
+
+class DiscriminatorOutput(nn.Module):
+    """Minibatch stddev -> conv3x3 -> dense 4x4 -> nf(0) -> dense -> 1 logit."""
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        c4 = config.channels(4)
+        self.group_size = config.mbstd_group_size
+        self.conv = EqualizedConv2d(c4 + 1, c4, 3)
+        self.dense = EqualizedConv2d(c4 * 16, config.nf(0), 1)
+        self.out = EqualizedConv2d(config.nf(0), 1, 1, gain=1.0, activation=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.conv(ops.minibatch_stddev(x, self.group_size))
+        x = self.dense(x.reshape(n, -1, 1, 1))
+        return self.out(x).reshape(n)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.from_rgb = nn.ModuleDict({"4": EqualizedConv2d(3, config.channels(4), 1)})
+        self.blocks = nn.ModuleDict()
+        for res in config.resolutions()[1:]:
+            self._add_resolution(res)
+        self.output = DiscriminatorOutput(config)
+
+    def _add_resolution(self, res: int) -> None:
+        c, c_next = self.config.channels(res), self.config.channels(res // 2)
+        self.from_rgb[str(res)] = EqualizedConv2d(3, c, 1)
+        self.blocks[str(res)] = nn.Sequential(EqualizedConv2d(c, c, 3), EqualizedConv2d(c, c_next, 3))
+
+    def _block(self, res: int, x: torch.Tensor) -> torch.Tensor:
+        return ops.downsample2x(self.blocks[str(res)](x))
+
+    def forward(self, img: torch.Tensor, res: int, alpha: Alpha | None = None) -> torch.Tensor:
+        """Logits ``[N]`` for images ``[N, 3, res, res]``; ``alpha`` as in :meth:`Generator.forward`."""
+        x = self.from_rgb[str(res)](img)
+        if res > 4:
+            x = self._block(res, x)
+            if alpha is not None:
+                old = self.from_rgb[str(res // 2)](ops.downsample2x(img))
+                x = ops.blend(old, x, alpha)
+            r = res // 2
+            while r > 4:
+                x = self._block(r, x)
+                r //= 2
+        return self.output(x)
+
+
+def load_grown_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` (from a network built for a smaller ``max_res``) into ``module``.
+
+    Every key of ``state`` must exist with the same shape; keys missing from ``state`` must all
+    belong to resolutions above the old ``max_res`` (the new layers keep their fresh init).
+    Returns the missing keys.
+    """
+    result = module.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected parameters: {', '.join(result.unexpected_keys[:5])}")
+    return list(result.missing_keys)
