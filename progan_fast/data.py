@@ -1,0 +1,430 @@
+"""Image loading for progan_fast: image folders, the embedded emoji set, and the
+resolution pyramid used by progressive growing.
+
+Leaf module: depends only on torch, numpy, Pillow and tqdm.
+
+Every dataset is held in memory as uint8 tensors ``[N, 3, res, res]``, one per
+power-of-two resolution from 4 up to ``max_res``.  The top level is decoded from
+the files (centre crop to square, Lanczos resize); each lower level is the exact
+2x2 average of the already-quantised level above, rounded with ``rint`` and
+clipped, as in the official ProGAN ``dataset_tool.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "MAX_SUPPORTED_RES",
+    "MIN_RES",
+    "IMAGE_EXTENSIONS",
+    "check_resolution",
+    "load_default_dataset",
+    "load_image_folder",
+    "to_float",
+]
+
+MIN_RES = 4
+MAX_SUPPORTED_RES = 1024
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Bump when the decoding / pyramid pipeline changes, so old cache files are not reused.
+_CACHE_FORMAT = "progan_fast.data.cache/1"
+_ASSET_PNG = "emoji_atlas.png"
+_ASSET_JSON = "emoji_atlas.json"
+_DEFAULT_TILE = 64
+
+
+class DataError(Exception):
+    """Bad input data; str(e) is a one-line user-facing message naming the problem
+    (the CLI prints it and exits 2)."""
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class ImageDataset:
+    levels: dict[int, torch.Tensor]  # res -> uint8 [N, 3, res, res], contiguous, for 4..max_res
+    source: str
+    summary: str
+    from_cache: bool = False  # True when the levels were read from the cache file
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def max_res(self) -> int:
+        return max(self.levels)
+
+    def __len__(self) -> int:
+        return int(self.levels[self.max_res].shape[0])
+
+    def at(self, res: int) -> torch.Tensor:
+        t = self.levels.get(res)
+        if t is None:
+            have = ", ".join(str(r) for r in sorted(self.levels))
+            raise DataError(f"resolution {res} is not available in {self.source} (have: {have})")
+        return t
+
+    def fingerprint(self) -> str:
+        """Stable hex id of the content: sha1 over the shape and bytes of the max-res level."""
+        if self._fingerprint is None:
+            top = self.levels[self.max_res].contiguous()
+            h = hashlib.sha1()
+            h.update(repr(tuple(top.shape)).encode())
+            h.update(memoryview(top.numpy()).cast("B"))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_resolution(max_res: int) -> None:
+    """DataError unless max_res is a power of two in [4, MAX_SUPPORTED_RES]."""
+    ok = (
+        isinstance(max_res, (int, np.integer))
+        and not isinstance(max_res, bool)
+        and MIN_RES <= int(max_res) <= MAX_SUPPORTED_RES
+        and (int(max_res) & (int(max_res) - 1)) == 0
+    )
+    if not ok:
+        raise DataError(
+            f"--max-res {max_res!r} is not supported: it must be a power of two "
+            f"between {MIN_RES} and {MAX_SUPPORTED_RES} (4, 8, 16, ..., {MAX_SUPPORTED_RES})"
+        )
+
+
+def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1)."""
+    if batch_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_float expects a uint8 tensor, got {batch_uint8.dtype}")
+    return batch_uint8.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def _downsample2x(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Exact 2x2 box average of uint8 [N, C, H, W] in float32, rint, clip -> uint8
+    (the official ProGAN dataset_tool's ``np.rint((a + b + c + d) * 0.25)``)."""
+    src = x.contiguous().numpy()
+    n, c, h, w = src.shape
+    out = np.empty((n, c, h // 2, w // 2), dtype=np.uint8)
+    for i in range(0, n, chunk):
+        u = src[i:i + chunk]
+        # The sum of four uint8 values is exact in uint16 and in float32, and * 0.25 is
+        # exact, so this equals averaging in float32; np.rint rounds half to even.
+        s = u[:, :, 0::2, 0::2].astype(np.uint16)
+        s += u[:, :, 0::2, 1::2]
+        s += u[:, :, 1::2, 0::2]
+        s += u[:, :, 1::2, 1::2]
+        f = s.astype(np.float32)
+        f *= 0.25
+        np.rint(f, out=f)
+        np.clip(f, 0, 255, out=f)
+        out[i:i + chunk] = f
+    return torch.from_numpy(out)
+
+
+def _build_pyramid(top: torch.Tensor) -> dict[int, torch.Tensor]:
+    """top: uint8 [N, 3, R, R] -> {R: top, R/2: ..., ..., 4: ...}."""
+    res = int(top.shape[-1])
+    levels = {res: top.contiguous()}
+    cur = levels[res]
+    while res > MIN_RES:
+        cur = _downsample2x(cur)
+        res //= 2
+        levels[res] = cur
+    return dict(sorted(levels.items()))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+# --------------------------------------------------------------------------- embedded dataset
+
+
+def _asset(name: str):
+    return resources.files(__package__ or "progan_fast") / "assets" / name
+
+
+def load_default_dataset(max_res: int) -> ImageDataset:
+    """The embedded 64x64 Noto emoji set (see progan_fast/assets/NOTICE.md)."""
+    check_resolution(max_res)
+    if max_res > _DEFAULT_TILE:
+        raise DataError(
+            f"--max-res {max_res} is too large: the embedded dataset is "
+            f"{_DEFAULT_TILE}x{_DEFAULT_TILE}; pass --data DIR for larger images"
+        )
+    try:
+        meta = json.loads(_asset(_ASSET_JSON).read_text(encoding="utf-8"))
+        png_bytes = _asset(_ASSET_PNG).read_bytes()
+        with Image.open(io.BytesIO(png_bytes)) as im:
+            im.load()
+            atlas = np.asarray(im.convert("RGB"))
+        n, tile, cols = int(meta["tiles"]), int(meta["tile_size"]), int(meta["columns"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"the embedded dataset (progan_fast/assets/{_ASSET_PNG}) could not be read: {e}; "
+            "reinstall progan_fast or pass --data DIR"
+        ) from None
+    rows = -(-n // cols)
+    if tile != _DEFAULT_TILE or atlas.shape[0] < rows * tile or atlas.shape[1] < cols * tile:
+        raise DataError(f"the embedded dataset (progan_fast/assets/{_ASSET_PNG}) is inconsistent with its metadata")
+    # [rows*T, cols*T, 3] -> [rows, cols, T, T, 3] -> [rows*cols, 3, T, T] -> first n tiles
+    grid = atlas[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile, 3)
+    tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)[:n]
+    top = torch.from_numpy(np.ascontiguousarray(tiles))
+    levels = _build_pyramid(top)
+    levels = {r: t for r, t in levels.items() if r <= max_res}
+    source = f"embedded Noto emoji ({n:,} images)"
+    summary = f"loaded {_plural(n, 'image')} from the embedded Noto emoji dataset ({tile}x{tile})"
+    return ImageDataset(levels=levels, source=source, summary=summary)
+
+
+# --------------------------------------------------------------------------- image folders
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> uint8 [H, W, 3]; alpha composited over white,
+    16-bit scaled (x / 257) to 8-bit."""
+    mode = img.mode
+    if mode in _16BIT_MODES:
+        a = np.asarray(img).astype(np.float32)
+        a = np.rint(a / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if mode == "F":
+        a = np.rint(np.asarray(img, dtype=np.float32)).clip(0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:4] / 255.0
+        out = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.rint(out).clip(0, 255).astype(np.uint8)
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_image(path: str, max_res: int):
+    """Decode one file -> ("ok", uint8 [3, R, R], (w, h)) | ("small", None, (w, h)) |
+    ("unreadable", None, error message).  Never raises for bad files."""
+    try:
+        with Image.open(path) as img:
+            w0, h0 = img.size
+            if img.format == "JPEG" and min(w0, h0) >= 4 * max_res:
+                # DCT-domain downscale by 2/4/8 while keeping >= 2*max_res on the short side.
+                img.draft(None, (2 * max_res, 2 * max_res))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            w, h = img.size
+            if min(w, h) < max_res:
+                return "small", None, (w, h)
+            s = min(w, h)
+            left, top = (w - s) // 2, (h - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+            rgb = _to_rgb_array(img)
+            if rgb.shape[0] != max_res:
+                rgb = np.asarray(Image.fromarray(rgb, "RGB").resize((max_res, max_res), Image.LANCZOS))
+            return "ok", np.ascontiguousarray(rgb.transpose(2, 0, 1)), (w, h)
+    except MemoryError:
+        raise
+    except Exception as e:  # unreadable: zero-byte, truncated, not an image, bomb, bad EXIF, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return "unreadable", None, msg
+
+
+def _scan(root: Path):
+    """Sorted relative posix paths of image files under root, with os.stat results."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                full = os.path.join(dirpath, name)
+                rel = Path(os.path.relpath(full, root)).as_posix()
+                found.append(rel)
+    found.sort()
+    return found
+
+
+def _cache_paths(root: Path, rels: list, max_res: int, cache_dir: Path):
+    h = hashlib.sha1()
+    h.update(_CACHE_FORMAT.encode())
+    h.update(f"\0{max_res}\0{root}\0".encode())
+    for rel in rels:
+        try:
+            st = os.stat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}\0missing\n".encode())
+    key = h.hexdigest()[:24]
+    folder_tag = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    prefix = f"progan_data_{folder_tag}_{max_res}px_"
+    return cache_dir / f"{prefix}{key}.pt", prefix
+
+
+def _read_cache(path: Path, max_res: int):
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or obj.get("format") != _CACHE_FORMAT or obj.get("max_res") != max_res:
+            return None
+        levels = obj["levels"]
+        n = int(obj["num_images"])
+        expected = [2 ** k for k in range(2, max_res.bit_length()) if 2 ** k <= max_res]
+        if sorted(levels) != expected:
+            return None
+        for r, t in levels.items():
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (n, 3, r, r)):
+                return None
+        levels = {r: levels[r].contiguous() for r in expected}
+        return levels, str(obj["source"]), str(obj["summary"])
+    except Exception:  # corrupt / truncated / foreign file: ignore and rebuild
+        return None
+
+
+def _write_cache(path: Path, prefix: str, levels: dict, source: str, summary: str, max_res: int) -> None:
+    obj = {
+        "format": _CACHE_FORMAT,
+        "max_res": max_res,
+        "num_images": int(levels[max_res].shape[0]),
+        "source": source,
+        "summary": summary,
+        "levels": levels,
+    }
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
+        os.replace(tmp_name, path)
+        tmp_name = None
+        # Remove stale caches of the same folder at the same resolution.
+        for old in path.parent.glob(prefix + "*.pt"):
+            if old != path:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+    except OSError as e:
+        warnings.warn(f"could not write the data cache {path}: {e}", RuntimeWarning, stacklevel=3)
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def load_image_folder(
+    path: Union[str, os.PathLike],
+    max_res: int,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    progress: bool = True,
+) -> ImageDataset:
+    """Load every image under ``path`` (recursively) into a resolution pyramid.
+
+    Images are centre-cropped to square and resized to ``max_res`` with Lanczos;
+    images whose shorter side is below ``max_res`` and unreadable files are
+    skipped and counted in ``summary``.  With ``cache_dir``, the decoded pyramid
+    is stored there and reused while the folder's files (names, sizes, mtimes)
+    are unchanged.
+    """
+    check_resolution(max_res)
+    max_res = int(max_res)
+    root_given = Path(path)
+    if not root_given.exists():
+        raise DataError(f"data folder {root_given} does not exist")
+    if not root_given.is_dir():
+        raise DataError(f"data path {root_given} is not a directory")
+    root = root_given.resolve()
+    rels = _scan(root)
+    if not rels:
+        raise DataError(
+            f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in {root_given}"
+        )
+
+    cache_file = prefix = None
+    if cache_dir is not None:
+        cache_file, prefix = _cache_paths(root, rels, max_res, Path(cache_dir))
+        cached = _read_cache(cache_file, max_res)
+        if cached is not None:
+            levels, source, summary = cached
+            return ImageDataset(levels=levels, source=source, summary=summary, from_cache=True)
+
+    n_files = len(rels)
+    out = np.empty((n_files, 3, max_res, max_res), dtype=np.uint8)
+    count = 0
+    unreadable = []  # (rel, message)
+    small = []  # (rel, (w, h))
+    workers = max(1, min(8, os.cpu_count() or 1))
+    paths = [str(root / rel) for rel in rels]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_decode_image, paths, [max_res] * n_files)
+        for rel, (status, arr, info) in tqdm(
+            zip(rels, results), total=n_files, desc="decoding images", unit="img",
+            disable=None if progress else True, leave=False,
+        ):
+            if status == "ok":
+                out[count] = arr
+                count += 1
+            elif status == "small":
+                small.append((rel, info))
+            else:
+                unreadable.append((rel, info))
+
+    if count == 0:
+        if small:
+            bw, bh = max((wh for _, wh in small), key=lambda wh: (min(wh), wh[0] * wh[1]))
+            fit = 1 << (min(bw, bh).bit_length() - 1)
+            hint = f"; use --max-res {fit} or lower" if fit >= MIN_RES else ""
+            raise DataError(
+                f"--max-res {max_res} is too large for the data in {root_given}: "
+                f"the largest usable image is {bw}x{bh}{hint}"
+            )
+        example = f" (e.g. {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+        raise DataError(
+            f"no readable image in {root_given}: found {_plural(n_files, 'image file')}, "
+            f"{len(unreadable):,} unreadable{example}"
+        )
+
+    if count < n_files:
+        out.resize((count, 3, max_res, max_res), refcheck=False)  # shrink in place, no copy
+    top = torch.from_numpy(out)
+    levels = _build_pyramid(top)
+
+    skipped = []
+    if unreadable:
+        skipped.append(f"{len(unreadable):,} unreadable")
+    if small:
+        skipped.append(f"{len(small):,} smaller than {max_res}px")
+    summary = f"loaded {_plural(count, 'image')} from {root_given}"
+    if skipped:
+        summary += f" (skipped: {', '.join(skipped)})"
+    source = str(root_given)
+    if cache_file is not None:
+        _write_cache(cache_file, prefix, levels, source, summary, max_res)
+    return ImageDataset(levels=levels, source=source, summary=summary)
