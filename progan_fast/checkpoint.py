@@ -1,0 +1,82 @@
+"""Checkpoint files: atomic writes, the last few kept, loading that executes no pickled code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
+``torch.save`` to a temporary file in the same folder, flushed and fsynced, then renamed over its
+final name, so a crash at any moment leaves either the old set of checkpoints or the new one,
+never a torn file. Loading uses ``torch.load(weights_only=True)``, which refuses anything but
+those plain types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; ``str(e)`` names the file and the problem."""
+
+
+def checkpoint_name(images: int) -> str:
+    return f"ckpt-{images:012d}.pt"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in ``folder``, oldest first (by images shown, which the name holds)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(folder: Path, images: int, payload: dict, keep: int = 3) -> Path:
+    """Write ``payload`` as the checkpoint at ``images`` and delete all but the newest ``keep``."""
+    path = folder / checkpoint_name(images)
+    atomic_torch_save({"format_version": FORMAT_VERSION, **payload}, path)
+    for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint; any problem becomes one :class:`CheckpointError` naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for torn/foreign files; the message is what matters
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a progan_fast checkpoint ({first_line[:200]})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a progan_fast checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format {state['format_version']}, newer than this progan_fast "
+            f"reads ({FORMAT_VERSION}); upgrade progan_fast"
+        )
+    return state

@@ -1,0 +1,170 @@
+"""Command line: ``python -m progan_fast.train [options]``.
+
+Every bad input ends in one line ``progan_fast.train: error: ...`` and exit code 2; nothing a run
+already saved is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import ops
+from .checkpoint import CheckpointError
+from .data import DataError
+from .losses import LOSSES
+from .trainer import RunOptions, Trainer, TrainConfig, TrainingDiverged, UsageError
+
+PROG = "progan_fast.train"
+
+#: Settings of the two presets. ``laptop`` is sized so that the run with no flags finishes in
+#: minutes on two CPU cores; ``paper`` is the ProGAN paper / official code (one-GPU batch table).
+PRESETS = {
+    "laptop": dict(max_res=32, fmap_base=512, fmap_max=64, kimg_per_phase=16.0, batch=32, ema_beta=0.99),
+    "paper": dict(max_res=256, fmap_base=8192, fmap_max=512, kimg_per_phase=600.0, batch=None, ema_beta=0.999),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Train a Progressive Growing GAN (Karras et al. 2017). Without --data it trains on the "
+            "embedded Noto emoji set; with no flags at all it is a CPU-sized demo (32x32, narrow "
+            "networks) that finishes in about ten minutes on two cores."
+        ),
+        epilog=(
+            "Run folder: config.json, checkpoints/, samples/ (latest.png is the newest EMA-generator "
+            "grid, reals.png the data), log.jsonl and tensorboard/ (tensorboard --logdir RUN/tensorboard). "
+            "Examples: '%(prog)s' | '%(prog)s --data ~/faces --preset paper --max-res 128' | "
+            "'%(prog)s --resume auto --out runs/demo'."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and run folder")
+    g.add_argument("--data", metavar="DIR", default=None,
+                   help="folder of images (searched recursively: png, jpg, webp, bmp); they are center-cropped, "
+                        "resized to --max-res once and cached in the run folder. Default: the embedded emoji set (64x64)")
+    g.add_argument("--out", metavar="DIR", type=Path, default=None,
+                   help="run folder. Default: runs/<date-time> (with --resume auto: the newest run in runs/)")
+    g.add_argument("--resume", metavar="auto|CKPT", default=None,
+                   help="'auto' continues from the newest checkpoint in --out (or starts there if it has none); "
+                        "a path resumes from that checkpoint. All settings must match the run's, except that a "
+                        "larger --max-res grows a finished run further")
+
+    m = p.add_argument_group("model and schedule (a preset fills these; a flag overrides it)")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="laptop",
+                   help="laptop: " + ", ".join(f"{k}={v}" for k, v in PRESETS["laptop"].items())
+                        + "; paper: " + ", ".join(f"{k}={v}" for k, v in PRESETS["paper"].items())
+                        + " (batch None = the paper's per-resolution table)")
+    m.add_argument("--max-res", type=int, default=None, help="final resolution, a power of two from 4 to 1024")
+    m.add_argument("--kimg-per-phase", type=float, default=None,
+                   help="thousands of images shown in each fade and each stabilize phase (paper: 600)")
+    m.add_argument("--batch", type=int, default=None,
+                   help="batch size at every resolution (default: the preset's; paper table: 128 up to 16px, "
+                        "64 at 32px, halving to 4 at 512px and up)")
+    m.add_argument("--fmap-base", type=int, default=None, help="feature maps: min(fmap_base / 2**stage, fmap_max) (paper 8192)")
+    m.add_argument("--fmap-max", type=int, default=None, help="most feature maps in any layer (paper 512)")
+    m.add_argument("--latent-size", type=int, default=512, help="size of the latent vector z")
+    m.add_argument("--mbstd-group", type=int, default=4,
+                   help="minibatch-stddev group size (shrinks to the largest size that divides the batch)")
+    m.add_argument("--loss", choices=LOSSES, default="nonsat",
+                   help="nonsat: logistic D loss, non-saturating G loss (the seeds' procedure); minimax: the "
+                        "original saturating G loss; wgan-gp: WGAN-GP with drift (paper: lambda 10, drift 0.001)")
+    m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0, 0.99; eps 1e-8)")
+    m.add_argument("--ema-beta", type=float, default=None,
+                   help="per-step decay of the generator EMA used for samples (paper 0.999; the laptop preset's "
+                        "phases are only a few hundred steps long, too short for 0.999 to follow G)")
+    m.add_argument("--seed", type=int, default=0, help="seed for initialization, latents and batches")
+
+    r = p.add_argument_group("execution")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto picks CUDA when PyTorch sees a GPU")
+    r.add_argument("--backend", choices=("auto",) + ops.KNOWN_BACKENDS, default="reference",
+                   help="kernel backend for every op: reference is plain PyTorch; auto picks the fastest available")
+    r.add_argument("--log-kimg", type=float, default=1.0, help="log losses and img/s every this many kimg")
+    r.add_argument("--sample-kimg", type=float, default=10.0, help="write a sample grid every this many kimg (and at each phase end)")
+    r.add_argument("--checkpoint-kimg", type=float, default=20.0, help="checkpoint every this many kimg (and at each phase end)")
+    r.add_argument("--keep-checkpoints", type=int, default=3, help="how many of the newest checkpoints to keep")
+    r.add_argument("--stop-after-kimg", type=float, default=None,
+                   help="stop this invocation (with a checkpoint) once this many kimg in total have been shown; "
+                        "continue later with --resume auto")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    r.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    preset = PRESETS[args.preset]
+
+    def pick(name: str):
+        value = getattr(args, name)
+        return preset[name] if value is None else value
+
+    return TrainConfig(
+        data=None if args.data is None else str(Path(args.data).expanduser().resolve()),
+        max_res=pick("max_res"),
+        latent_size=args.latent_size,
+        fmap_base=pick("fmap_base"),
+        fmap_max=pick("fmap_max"),
+        mbstd_group_size=args.mbstd_group,
+        loss=args.loss,
+        kimg_per_phase=pick("kimg_per_phase"),
+        batch=pick("batch"),
+        lr=args.lr,
+        ema_beta=pick("ema_beta"),
+        seed=args.seed,
+    )
+
+
+def default_out(resume: str | None) -> Path:
+    runs = Path("runs")
+    if resume == "auto":
+        candidates = sorted(p for p in runs.glob("*") if (p / "config.json").is_file()) if runs.is_dir() else []
+        if not candidates:
+            raise UsageError("--resume auto without --out: there is no run in ./runs to resume; pass --out DIR")
+        return candidates[-1]
+    return runs / time.strftime("%Y%m%d-%H%M%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        options = RunOptions(
+            out=args.out if args.out is not None else default_out(args.resume),
+            resume=args.resume,
+            device=args.device,
+            backend=args.backend,
+            log_kimg=args.log_kimg,
+            sample_kimg=args.sample_kimg,
+            checkpoint_kimg=args.checkpoint_kimg,
+            keep_checkpoints=args.keep_checkpoints,
+            stop_after_kimg=args.stop_after_kimg,
+            progress=not args.no_progress,
+            tensorboard=not args.no_tensorboard,
+        )
+        for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
+            if not getattr(options, name) > 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if options.keep_checkpoints < 1:
+            raise UsageError("--keep-checkpoints must be at least 1")
+        print(f"{PROG}: run folder {options.out}", file=sys.stderr)
+        Trainer(config, options, log=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)).run()
+    except (UsageError, DataError, CheckpointError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. an unwritable --out or a full disk: say which file, no traceback
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""The training loop: schedule, data, checkpoints, samples, logging.
+
+A run lives in one folder (``--out``)::
+
+    config.json          the settings that define the run (compared on resume)
+    checkpoints/         ckpt-<images shown>.pt, written atomically, the newest few kept
+    samples/             EMA-generator grids on fixed latents; reals.png shows the data
+    log.jsonl            one JSON object per log interval
+    tensorboard/         the same scalars (and sample grids) for TensorBoard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data as datamod
+from . import ops
+from .checkpoint import CheckpointError, atomic_torch_save, list_checkpoints, load_checkpoint, save_checkpoint
+from .images import save_grid
+from .losses import LOSSES
+from .networks import NetworkConfig, load_grown_state_dict
+from .schedule import Phase, build_schedule, images_before
+from .step import GANState, fade_reals, train_step
+
+SAMPLE_GRID = 64  # images per sample grid (8x8)
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; ``str(e)`` is the one-line message (exit code 2)."""
+
+
+class TrainingDiverged(Exception):
+    """Losses became non-finite; nothing non-finite was checkpointed (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The settings that define a run. A resumed run must match them all, except that ``max_res``
+    may grow (the finished schedule is continued to larger resolutions)."""
+
+    data: str | None = None
+    max_res: int = 32
+    latent_size: int = 512
+    fmap_base: int = 512
+    fmap_max: int = 64
+    mbstd_group_size: int = 4
+    loss: str = "nonsat"
+    kimg_per_phase: float = 12.0
+    batch: int | None = 32
+    lr: float = 1e-3
+    ema_beta: float = 0.999
+    seed: int = 0
+
+    def network_config(self) -> NetworkConfig:
+        return NetworkConfig(self.max_res, self.latent_size, self.fmap_base, self.fmap_max, self.mbstd_group_size)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Human-readable ``name: saved -> requested`` for every differing setting but ``max_res``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"--{k.replace('_', '-')}: {a[k]!r} in the run, {b[k]!r} now" for k in a if k != "max_res" and a[k] != b[k]]
+
+
+@dataclass
+class RunOptions:
+    """How this invocation runs: free to change between a run and its resume."""
+
+    out: Path
+    resume: str | None = None  # None, "auto", or a checkpoint path
+    device: str = "auto"
+    backend: str = "reference"
+    log_kimg: float = 1.0
+    sample_kimg: float = 10.0
+    checkpoint_kimg: float = 20.0
+    keep_checkpoints: int = 3
+    stop_after_kimg: float | None = None
+    progress: bool = True
+    tensorboard: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA device (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def validate(config: TrainConfig) -> None:
+    try:
+        datamod.check_resolution(config.max_res)
+    except datamod.DataError as e:
+        raise UsageError(str(e)) from None
+    if config.loss not in LOSSES:
+        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
+    if config.batch is not None and config.batch < 1:
+        raise UsageError(f"--batch must be at least 1, not {config.batch}")
+    if not config.kimg_per_phase > 0 or not math.isfinite(config.kimg_per_phase):
+        raise UsageError(f"--kimg-per-phase must be a positive number, not {config.kimg_per_phase}")
+    for name in ("latent_size", "fmap_base", "fmap_max", "mbstd_group_size"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
+    if not 0.0 < config.lr < 1.0:
+        raise UsageError(f"--lr must be in (0, 1), not {config.lr}")
+
+
+def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.ImageDataset:
+    if config.data is None:
+        return datamod.load_default_dataset(config.max_res)
+    return datamod.load_image_folder(config.data, config.max_res, cache_dir=run_dir / "cache", progress=progress)
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C into a request honoured at the next step boundary (so a checkpoint is
+    never taken between D's and G's update); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, options: RunOptions, log=print) -> None:
+        validate(config)
+        self.config = config
+        self.options = options
+        self.log = log
+        self.device = resolve_device(options.device)
+        try:
+            self.backend = ops.set_default_backend(options.backend)
+        except ops.BackendUnavailableError as e:
+            raise UsageError(str(e)) from None
+        self.run_dir = Path(options.out)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UsageError(f"--out {self.run_dir} exists and is not a folder")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        checkpoint = self._checkpoint_to_resume()
+
+        self.dataset = load_data(config, self.run_dir, options.progress)
+        self.phases = build_schedule(config.max_res, config.kimg_per_phase, config.batch)
+        largest_batch = max(p.batch for p in self.phases)
+        if largest_batch > len(self.dataset):
+            raise UsageError(
+                f"batch {largest_batch} is larger than the dataset ({len(self.dataset)} images in "
+                f"{self.dataset.source}); pass a smaller --batch"
+            )
+
+        torch.manual_seed(config.seed)
+        self.state = GANState.create(config.network_config(), self.device, config.loss, config.lr, config.ema_beta)
+        self.phase_index, self.step = 0, 0
+        self.writer = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        # Fixed latents for sample grids, from their own generator so they never shift training's RNG.
+        self.sample_latents = torch.randn(
+            SAMPLE_GRID, config.latent_size, generator=torch.Generator().manual_seed(config.seed + 1)
+        ).to(self.device)
+
+    # ----- run directory and resume -------------------------------------------------------------
+
+    def _saved_config(self) -> TrainConfig | None:
+        path = self.run_dir / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{path} is not a progan_fast run config ({e})") from None
+
+    def _check_same_run(self, saved: TrainConfig, where: str) -> None:
+        diffs = saved.differences(self.config)
+        if diffs:
+            raise UsageError(f"{where} was made with other settings; refusing to mix them: " + "; ".join(diffs))
+        if self.config.max_res < saved.max_res:
+            raise UsageError(
+                f"{where} trains up to --max-res {saved.max_res}; it can grow but not shrink to {self.config.max_res}"
+            )
+
+    def _checkpoint_to_resume(self) -> dict | None:
+        saved = self._saved_config()
+        existing = list_checkpoints(self.ckpt_dir)
+        resume = self.options.resume
+        if resume is None:
+            if saved is not None or existing:
+                diffs = saved.differences(self.config) if saved else []
+                detail = f" with other settings ({'; '.join(diffs)})" if diffs else ""
+                raise UsageError(
+                    f"run directory {self.run_dir} already holds a run{detail}; pass --resume auto to "
+                    f"continue it, or choose another --out"
+                )
+            return None
+        if resume == "auto":
+            if saved is not None:
+                self._check_same_run(saved, f"the run in {self.run_dir}")
+            if not existing:
+                self.log(f"nothing to resume in {self.run_dir}: starting a new run there")
+                return None
+            path = existing[-1]
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path)
+        try:
+            ckpt_config = TrainConfig.from_dict(state["config"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} holds no valid run config ({e})") from None
+        self._check_same_run(ckpt_config, f"checkpoint {path}")
+        self.log(f"resuming from {path}")
+        state["_path"] = str(path)
+        return state
+
+    def _restore(self, ckpt: dict) -> None:
+        path = ckpt["_path"]
+        old_config = TrainConfig.from_dict(ckpt["config"])
+        try:
+            for name in ("G", "D", "G_ema"):
+                missing = load_grown_state_dict(getattr(self.state, name), ckpt[name])
+                if missing and old_config.max_res == self.config.max_res:
+                    raise ValueError(f"{name} lacks {', '.join(missing[:3])}")
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0][:300]}") from None
+        if (old_config.max_res == self.config.max_res and old_config.data is None
+                and ckpt.get("data_fingerprint") not in (None, self.dataset.fingerprint())):
+            raise UsageError(f"the images behind checkpoint {path} have changed since it was written")
+        self.phase_index, self.step = int(ckpt["phase_index"]), int(ckpt["step"])
+        if self.phase_index < len(self.phases) and self.step > 0:
+            # Mid-phase: Adam's moments continue. At a phase start they are reset anyway.
+            self.state.opt_G.load_state_dict(ckpt["opt_G"])
+            self.state.opt_D.load_state_dict(ckpt["opt_D"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if self.device.type == "cuda" and ckpt.get("rng_cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        if old_config.max_res < self.config.max_res:
+            self.log(f"growing the run from {old_config.max_res}px to {self.config.max_res}px")
+
+    def _write_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"config": self.config.to_dict(), "dataset": self.dataset.source}, indent=2)
+        tmp = self.run_dir / ".config.json.tmp"
+        tmp.write_text(text + "\n")
+        tmp.replace(self.run_dir / "config.json")
+
+    # ----- the loop -----------------------------------------------------------------------------
+
+    def images_done(self) -> int:
+        return images_before(self.phases, self.phase_index, self.step)
+
+    def checkpoint(self) -> Path:
+        s = self.state
+        payload = {
+            "config": self.config.to_dict(),
+            "phase_index": self.phase_index,
+            "step": self.step,
+            "images": self.images_done(),
+            "G": s.G.state_dict(),
+            "D": s.D.state_dict(),
+            "G_ema": s.G_ema.state_dict(),
+            "opt_G": s.opt_G.state_dict(),
+            "opt_D": s.opt_D.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "data_fingerprint": self.dataset.fingerprint(),
+        }
+        return save_checkpoint(self.ckpt_dir, self.images_done(), payload, keep=self.options.keep_checkpoints)
+
+    @torch.no_grad()
+    def save_samples(self, phase: Phase) -> Path:
+        alpha = phase.alpha(self.step) if phase.fading else None
+        fakes = torch.cat([self.state.G_ema(z, phase.res, alpha) for z in self.sample_latents.split(16)])
+        path = save_grid(fakes, self.run_dir / "samples" / f"fakes-{self.images_done():012d}.png")
+        save_grid(fakes, self.run_dir / "samples" / "latest.png")
+        if self.writer is not None:
+            self.writer.add_images("samples", ((fakes.clamp(-1, 1) + 1) / 2).cpu(), self.images_done())
+        return path
+
+    def run(self) -> Path:
+        """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
+        self._write_config()
+        self.log(self.dataset.summary)
+        if not (self.run_dir / "samples" / "reals.png").exists():
+            reals = datamod.to_float(self.dataset.at(self.config.max_res)[:SAMPLE_GRID])
+            save_grid(reals, self.run_dir / "samples" / "reals.png")
+        self.writer = self._open_tensorboard()
+        total = images_before(self.phases, len(self.phases))
+        stop_at = None if self.options.stop_after_kimg is None else int(self.options.stop_after_kimg * 1000)
+        bar = tqdm(total=total, initial=self.images_done(), unit="img", unit_scale=True,
+                   disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
+        log_file = open(self.run_dir / "log.jsonl", "a")
+        try:
+            with _StopRequest() as stop:
+                finished = self._loop(bar, log_file, stop, stop_at)
+        finally:
+            bar.close()
+            log_file.close()
+            if self.writer is not None:
+                self.writer.close()
+        if finished:
+            self.log(f"done: {total / 1000:.1f} kimg; samples in {self.run_dir / 'samples'}")
+        else:
+            self.log(f"stopped at {self.images_done() / 1000:.1f} kimg; continue with: "
+                     f"python -m progan_fast.train --resume auto --out {self.run_dir}")
+        return self.run_dir
+
+    def _open_tensorboard(self):
+        if not self.options.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("tensorboard is not installed: scalars go to log.jsonl only")
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _loop(self, bar, log_file, stop: _StopRequest, stop_at: int | None) -> bool:
+        opts = self.options
+        next_log = _next_multiple(self.images_done(), opts.log_kimg)
+        next_sample = _next_multiple(self.images_done(), opts.sample_kimg)
+        next_ckpt = _next_multiple(self.images_done(), opts.checkpoint_kimg)
+        level_res, level = None, None
+        sums: dict[str, torch.Tensor] = {}
+        window = [0, time.perf_counter()]  # steps, start time of the current log window
+        while self.phase_index < len(self.phases):
+            phase = self.phases[self.phase_index]
+            if level_res != phase.res:
+                level_res, level = phase.res, self.dataset.at(phase.res).to(self.device)
+            if self.step == 0:
+                self.state.reset_optimizers()
+                bar.set_description(f"{phase.res}px {phase.name}")
+            alpha = phase.alpha(self.step)
+            idx = torch.randint(level.shape[0], (phase.batch,), device=self.device)
+            reals = fade_reals(datamod.to_float(level[idx]), alpha)
+            out = train_step(self.state, reals, phase.res, alpha)
+            for k, v in {"D_loss": out.d_loss, "G_loss": out.g_loss, **out.stats}.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            window[0] += 1
+            self.step += 1
+            bar.update(phase.batch)
+
+            end_of_phase = self.step >= phase.steps
+            images = self.images_done()
+            if images >= next_log or end_of_phase:
+                self._log_window(phase, alpha, sums, window, bar, log_file)
+                sums, window = {}, [0, time.perf_counter()]
+                next_log = _next_multiple(images, opts.log_kimg)
+            if images >= next_sample or end_of_phase:
+                self.save_samples(phase)
+                next_sample = _next_multiple(images, opts.sample_kimg)
+            if end_of_phase:
+                self.phase_index, self.step = self.phase_index + 1, 0
+            stopping = stop.requested or (stop_at is not None and images >= stop_at)
+            if images >= next_ckpt or end_of_phase or stopping:
+                self.checkpoint()
+                next_ckpt = _next_multiple(images, opts.checkpoint_kimg)
+            if stopping:
+                return False
+        return True
+
+    def _log_window(self, phase: Phase, alpha, sums, window, bar, log_file) -> None:
+        steps, started = window
+        seconds = max(time.perf_counter() - started, 1e-9)
+        means = {k: float(v) / steps for k, v in sums.items()}  # the only host sync of the loop
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite {', '.join(bad)} at {self.images_done() / 1000:.1f} kimg ({phase.res}px {phase.name}); "
+                f"the last checkpoint in {self.ckpt_dir} is from before this. Try a lower --lr or --loss wgan-gp"
+            )
+        record = {
+            "kimg": round(self.images_done() / 1000, 3),
+            "res": phase.res,
+            "phase": phase.name,
+            "alpha": 1.0 if alpha is None else round(alpha, 4),
+            "img_per_s": round(steps * phase.batch / seconds, 1),
+            **{k: round(v, 5) for k, v in means.items()},
+        }
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "kimg":
+                    self.writer.add_scalar(k, v, self.images_done())
+        bar.set_postfix_str(
+            f"a={record['alpha']:.2f} kimg={record['kimg']:.1f} D={means['D_loss']:.3f} G={means['G_loss']:.3f}"
+        )
+
+
+def _next_multiple(images: int, kimg: float) -> int:
+    every = max(1, int(kimg * 1000))
+    return (images // every + 1) * every

@@ -1,0 +1,106 @@
+"""Training behaviour: D learns, resume is bit-identical, a finished run grows."""
+
+import json
+
+import pytest
+import torch
+
+from progan_fast import train
+from progan_fast.checkpoint import list_checkpoints, load_checkpoint
+from progan_fast.networks import NetworkConfig
+from progan_fast.step import GANState, fade_reals, train_step
+
+TINY = ["--max-res", "8", "--kimg-per-phase", "0.1", "--batch", "8", "--fmap-base", "64", "--fmap-max", "16",
+        "--latent-size", "16", "--no-progress", "--no-tensorboard", "--log-kimg", "0.05"]
+
+
+def synthetic_images(n, res, seed=0):
+    """Smooth colour gradients: a simple distribution that D can learn to tell from G's noise."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-1, 1, res)
+    colour = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
+    return (colour * ramp.view(1, 1, 1, res) * ramp.view(1, 1, res, 1).abs()).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("loss", ["nonsat", "wgan-gp"])
+def test_discriminator_loss_falls_over_a_few_hundred_steps(loss):
+    torch.manual_seed(0)
+    cfg = NetworkConfig(max_res=8, latent_size=16, fmap_base=64, fmap_max=16)
+    state = GANState.create(cfg, torch.device("cpu"), loss=loss)
+    data = synthetic_images(256, 8)
+    d_losses = []
+    for step in range(300):
+        reals = fade_reals(data[torch.randint(256, (16,))], None)
+        d_losses.append(train_step(state, reals, 8, None).d_loss.item())
+    first, last = sum(d_losses[:30]) / 30, sum(d_losses[-30:]) / 30
+    assert all(torch.isfinite(torch.tensor(d_losses)))
+    assert last < first - 0.1, (first, last)
+
+
+def test_minimax_and_fade_steps_run():
+    torch.manual_seed(0)
+    cfg = NetworkConfig(max_res=8, latent_size=16, fmap_base=64, fmap_max=16)
+    state = GANState.create(cfg, torch.device("cpu"), loss="minimax")
+    before = [p.clone() for p in state.G.parameters()]
+    ema_before = [p.clone() for p in state.G_ema.parameters()]
+    out = train_step(state, fade_reals(synthetic_images(8, 8), 0.5), 8, torch.tensor(0.5))
+    assert torch.isfinite(out.d_loss) and torch.isfinite(out.g_loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.G.parameters()))
+    # EMA moved by (1 - beta) of the way towards G
+    for e0, e1, g in zip(ema_before, state.G_ema.parameters(), state.G.parameters()):
+        torch.testing.assert_close(e1, e0 + (g - e0) * 0.001)
+
+
+def final_state(run_dir):
+    return load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
+
+
+def assert_same_training_state(a, b):
+    assert (a["phase_index"], a["step"], a["images"]) == (b["phase_index"], b["step"], b["images"])
+    for key in ("G", "D", "G_ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for key in ("opt_G", "opt_D"):
+        for pid, s in a[key]["state"].items():
+            for name, t in s.items():
+                assert torch.equal(t, b[key]["state"][pid][name]), f"{key}[{pid}].{name} differs"
+    assert torch.equal(a["rng_cpu"], b["rng_cpu"])
+
+
+@pytest.mark.parametrize("stop_kimg", ["0.152", "0.104"])  # mid-phase, and exactly at a phase boundary
+@pytest.mark.parametrize("loss", ["nonsat", "wgan-gp"])
+def test_resume_after_a_stop_is_bit_identical(tmp_path, stop_kimg, loss):
+    common = TINY + ["--loss", loss]
+    assert train.main(common + ["--out", str(tmp_path / "whole")]) == 0
+    assert train.main(common + ["--out", str(tmp_path / "split"), "--stop-after-kimg", stop_kimg]) == 0
+    stopped = final_state(tmp_path / "split")
+    assert stopped["images"] == int(float(stop_kimg) * 1000)
+    assert train.main(common + ["--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    assert_same_training_state(final_state(tmp_path / "whole"), final_state(tmp_path / "split"))
+
+
+def test_a_finished_run_grows_to_a_larger_max_res(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(TINY + ["--out", out]) == 0
+    small = final_state(tmp_path / "run")
+    grown_args = [a if a != "8" or i != 1 else "16" for i, a in enumerate(TINY)]
+    assert train.main(grown_args + ["--out", out, "--resume", "auto"]) == 0
+    assert "growing the run from 8px to 16px" in capsys.readouterr().err
+    big = final_state(tmp_path / "run")
+    assert big["config"]["max_res"] == 16 and big["phase_index"] == 5 and big["images"] == 5 * 13 * 8
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["max_res"] == 16
+    # new layers trained; the samples of the grown run are 16x16
+    assert set(big["G"]) > set(small["G"])
+    from PIL import Image
+    assert Image.open(tmp_path / "run" / "samples" / "latest.png").size == (8 * 64, 8 * 64)
+
+
+def test_run_folder_contents(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(TINY[:-3] + ["--out", str(out), "--log-kimg", "0.05"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records and {"kimg", "res", "phase", "alpha", "img_per_s", "D_loss", "G_loss"} <= set(records[0])
+    assert [r["res"] for r in records][-1] == 8
+    assert (out / "samples" / "reals.png").is_file() and (out / "samples" / "latest.png").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list_checkpoints(out / "checkpoints")) <= 3
