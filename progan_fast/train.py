@@ -15,16 +15,9 @@ from . import ops
 from .checkpoint import CheckpointError
 from .data import DataError
 from .losses import LOSSES
-from .trainer import RunOptions, Trainer, TrainConfig, TrainingDiverged, UsageError
+from .trainer import PRESETS, RunOptions, Trainer, TrainConfig, TrainingDiverged, UsageError
 
 PROG = "progan_fast.train"
-
-#: Settings of the two presets. ``laptop`` is sized so that the run with no flags finishes in
-#: minutes on two CPU cores; ``paper`` is the ProGAN paper / official code (one-GPU batch table).
-PRESETS = {
-    "laptop": dict(max_res=32, fmap_base=512, fmap_max=64, kimg_per_phase=16.0, batch=32, ema_beta=0.99),
-    "paper": dict(max_res=256, fmap_base=8192, fmap_max=512, kimg_per_phase=600.0, batch=None, ema_beta=0.999),
-}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,3 +146,34 @@ def test_resume_auto_finds_the_newest_run_in_runs(tmp_path):
     second = run_cli(*TINY, "--resume", "auto", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stderr and "done" in second.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [a if a != "0.02" else "50" for a in TINY]  # a schedule far longer than the test waits
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "progan_fast.train", *args, "--out", str(out), "--log-kimg", "0.01"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "--resume auto" in err
+    (ckpt,) = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    resumed = run_cli(*args, "--out", out, "--resume", "auto", "--stop-after-kimg", "0.001")
+    assert resumed.returncode == 0 and f"resuming from {ckpt}" in resumed.stderr, resumed.stderr
+
+
+def test_resuming_a_checkpoint_into_another_runs_folder_is_refused(tmp_path, finished_run):
+    other = tmp_path / "other"
+    args = [a if a != "0.02" else "0.03" for a in TINY]
+    assert run_cli(*args, "--out", other, "--stop-after-kimg", "0.001").returncode == 0
+    before = snapshot(other)
+    ckpt = sorted((finished_run / "checkpoints").glob("ckpt-*.pt"))[-1]
+    assert_clean_error(run_cli(*TINY, "--out", other, "--resume", ckpt), f"the run in {other}", "--kimg-per-phase")
+    assert snapshot(other) == before
