@@ -21,6 +21,8 @@ setup(
         "Pillow>=10.0",
         "tqdm>=4.66",
         "tensorboard>=2.14",
+        # Triton kernels; on a machine without a GPU they run (slowly, for tests) in its interpreter.
+        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["progan-fast-train=progan_fast.train:main"]},

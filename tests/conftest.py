@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU, every Triton kernel runs on CPU tensors through Triton's interpreter. The flag must
+# be set before progan_fast (and so triton.jit) is imported; on a GPU machine the real kernels run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,3 +27,14 @@ def _reference_backend():
     ops.set_default_backend("reference")
     yield
     ops.set_default_backend("reference")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the Triton kernel report (registers, spills, shared memory per kernel and arch)."""
+    import sys
+
+    module = sys.modules.get("test_triton_kernel_report") or sys.modules.get("tests.test_triton_kernel_report")
+    if module is not None and module.REPORT:
+        terminalreporter.section("Triton kernel report (ahead-of-time, no GPU)")
+        for line in module.REPORT:
+            terminalreporter.write_line(line)

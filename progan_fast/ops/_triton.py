@@ -1,0 +1,104 @@
+"""Shared plumbing for the Triton backend of every op.
+
+- Triton kernels run on CUDA tensors on a GPU, and on CPU tensors only under Triton's
+  interpreter (``TRITON_INTERPRET=1``, which must be set before ``triton`` is imported): that is
+  how the tests run every kernel on a machine without a GPU.
+- On a GPU, block sizes come from ``triton.autotune``; under the interpreter autotuning cannot
+  run (it times with CUDA events) and a fixed, large configuration is used instead, since the
+  interpreter pays about 1.7 ms per program instance.
+- Every kernel accumulates in float32, or in float64 for float64 inputs (gradcheck runs the
+  kernels in float64 under the interpreter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the backend then reports itself unavailable
+    triton = None
+    tl = None
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def available() -> bool:
+    """True where Triton kernels can run on this process's default device."""
+    return triton is not None and (INTERPRETER or torch.cuda.is_available())
+
+
+def why_unavailable() -> str:
+    if triton is None:
+        return "the triton package is not installed"
+    return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before import, to run kernels on the CPU)"
+
+
+def check_device(op: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error where a kernel cannot run on these tensors' device."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and INTERPRETER:
+            continue
+        raise RuntimeError(
+            f"progan_fast::{op} (triton): tensors on {t.device} need "
+            + ("a CUDA device" if not INTERPRETER else "CPU or CUDA")
+            + "; set TRITON_INTERPRET=1 before importing triton to run Triton kernels on the CPU"
+        )
+
+
+def compute_dtype(t: torch.Tensor):
+    """The accumulation dtype for a kernel reading ``t`` (a ``tl`` dtype, passed as a constexpr)."""
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
+def scalar_tensor(value, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a Python number or a 0-dim tensor) as a 0-dim float32 tensor on ``like``'s device,
+    for kernels that load it from memory (so a CUDA graph can change it in place between replays).
+    A float64 ``like`` gets float64 so gradcheck sees exact arithmetic."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"alpha must be a number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        return value.to(device=like.device, dtype=dtype)
+    return torch.full((), float(value), device=like.device, dtype=dtype)
+
+
+class AotSpec:
+    """One ahead-of-time compilation the kernel-report test performs for sm_80 and sm_90.
+
+    ``signature`` maps every non-constexpr argument to a Triton type string (``"*fp32"``,
+    ``"*bf16"``, ``"i32"``, ``"fp32"``); ``constexprs`` gives every constexpr argument a value
+    (a ``tl`` dtype for ``ACC``). Each op module lists, in ``AOT_SPECS``, one spec per kernel and
+    GPU autotune config, for float32 and for bfloat16 inputs.
+    """
+
+    def __init__(self, name: str, kernel, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+        self.name, self.kernel, self.signature, self.constexprs = name, kernel, signature, constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+
+    def __repr__(self) -> str:
+        params = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items())
+        return f"{self.name}[{params},w{self.num_warps},s{self.num_stages}]"
+
+
+def aot_specs_for_configs(name: str, kernel, signature: dict, configs, extra_constexprs: dict | None = None) -> list:
+    """Specs for every autotune config, once with float32 and once with bfloat16 tensors.
+
+    In ``signature``, ``"*T"`` marks a pointer to data of the op's input dtype (it becomes ``*fp32``,
+    then ``*bf16``); pointers that are float32 whatever the input (a 0-dim alpha, scratch buffers
+    of partial sums) are written ``"*fp32"`` and stay so.
+    """
+    specs = []
+    for dtype in ("fp32", "bf16"):
+        sig = {k: (f"*{dtype}" if v == "*T" else v) for k, v in signature.items()}
+        for cfg in configs:
+            consts = {**cfg.kwargs, "ACC": tl.float32, **(extra_constexprs or {})}
+            specs.append(AotSpec(f"{name}:{dtype}", kernel, sig, consts, cfg.num_warps, cfg.num_stages))
+    return specs

@@ -1,0 +1,92 @@
+"""Compile every Triton kernel ahead of time for given GPU architectures, without a GPU, and report
+registers per thread, register spills (local memory) and shared memory per kernel and config.
+
+    python -m progan_fast.ops.kernel_report [--arch 80 90] [--json]
+
+Exit code 1 when any kernel spills. Triton compiles through its bundled ptxas; ``cuobjdump`` (also
+bundled with Triton) reads the resource usage off the cubin. Must run with ``TRITON_INTERPRET``
+unset: interpreted kernels cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+OP_MODULES = ("pixel_norm", "minibatch_stddev", "fade_in", "conv_act")
+RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def all_specs() -> list:
+    specs = []
+    for module in OP_MODULES:
+        specs += getattr(importlib.import_module(f"progan_fast.ops.{module}"), "AOT_SPECS", [])
+    return specs
+
+
+def compile_and_measure(spec, arch: int, workdir: pathlib.Path) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**spec.signature, **{name: "constexpr" for name in spec.constexprs}}
+    compiled = triton.compile(
+        ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    cubin = workdir / f"kernel_sm{arch}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    out = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                         check=True).stdout
+    match = RESOURCE.search(out)
+    if not match:
+        raise RuntimeError(f"no resource line for {spec!r} from cuobjdump:\n{out}")
+    regs, stack, shared, local = map(int, match.groups())
+    return {"kernel": repr(spec), "arch": f"sm_{arch}", "regs": regs, "spill_bytes": local + stack,
+            "shared_bytes": max(shared, compiled.metadata.shared)}
+
+
+def _measure_job(job: tuple[int, int], tmp: str) -> dict:
+    """Worker: specs hold kernel objects, so each process rebuilds the list and picks by index."""
+    index, arch = job
+    workdir = pathlib.Path(tmp) / f"job{index}_{arch}"
+    workdir.mkdir()
+    return compile_and_measure(all_specs()[index], arch, workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="progan_fast.ops.kernel_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities to compile for")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernel_report: unset TRITON_INTERPRET; interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    # A fresh cache, so every kernel is really compiled (and measured) here. Compiles are
+    # independent and CPU-bound: one worker process per core.
+    jobs = [(i, arch) for i in range(len(all_specs())) for arch in args.arch]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp
+        with ProcessPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            rows = list(pool.map(_measure_job, jobs, [tmp] * len(jobs)))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{'kernel[config]':<80} {'arch':>6} {'regs':>5} {'spill B':>8} {'smem B':>7}")
+        for r in rows:
+            print(f"{r['kernel']:<80} {r['arch']:>6} {r['regs']:>5} {r['spill_bytes']:>8} {r['shared_bytes']:>7}")
+    return 1 if any(r["spill_bytes"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
