@@ -67,7 +67,7 @@ def fade_reals(reals: torch.Tensor, alpha: Alpha | None) -> torch.Tensor:
     """Real images during a fade: ``lerp(up2x(down2x(x)), x, alpha)``, as sharp as G's output."""
     if alpha is None:
         return reals
-    return ops.fade_in(ops.downsample2x(reals), reals, alpha)
+    return ops.fade_reals(reals, alpha)
 
 
 @dataclass

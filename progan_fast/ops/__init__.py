@@ -8,7 +8,7 @@ default, set once by the trainer's ``--backend`` via :func:`set_default_backend`
 from . import conv_act, fade_in as _fade_in_module, minibatch_stddev as _mbstd_module, pixel_norm as _pixel_norm_module
 from ._backend import BackendUnavailableError, KNOWN_BACKENDS, get_default_backend, set_default_backend
 from .conv_act import conv2d_bias_lrelu
-from .fade_in import blend, downsample2x, fade_in
+from .fade_in import blend, downsample2x, fade_in, fade_reals
 from .minibatch_stddev import effective_group_size, minibatch_stddev
 from .pixel_norm import pixel_norm
 
@@ -22,6 +22,7 @@ def all_op_implementations() -> dict[str, dict]:
         "fade_in": _fade_in_module.FADE_IN_IMPLEMENTATIONS,
         "blend": _fade_in_module.BLEND_IMPLEMENTATIONS,
         "downsample2x": _fade_in_module.DOWNSAMPLE_IMPLEMENTATIONS,
+        "fade_reals": _fade_in_module.FADE_REALS_IMPLEMENTATIONS,
     }
 
 
@@ -34,6 +35,7 @@ __all__ = [
     "downsample2x",
     "effective_group_size",
     "fade_in",
+    "fade_reals",
     "get_default_backend",
     "minibatch_stddev",
     "pixel_norm",
