@@ -1,0 +1,212 @@
+"""conv2d_bias_lrelu's Triton backend against the eager reference (under the interpreter without a GPU).
+
+The conv is the slowest kernel under the interpreter, so shapes are small and gradcheck /
+gradgradcheck use ``fast_mode`` (random projections of the Jacobian) except on a 1x1 dense case.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+ca = importlib.import_module("progan_fast.ops.conv_act")
+pn = importlib.import_module("progan_fast.ops.pixel_norm")
+pytestmark = pytest.mark.skipif("triton" not in ca.IMPLEMENTATIONS, reason="Triton backend unavailable")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# max |triton - reference_fp64| / max |reference_fp64|
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+# (x shape, Cout, k, upsample, pixel_norm, activation, bias)
+CASES = {
+    "3x3": ((2, 5, 8, 8), 7, 3, False, False, True, True),
+    "3x3_b1_noact_nobias": ((1, 3, 4, 4), 5, 3, False, False, False, False),
+    "dense_1x1": ((3, 48, 1, 1), 40, 1, False, False, True, True),
+    "upsample": ((2, 5, 4, 4), 7, 3, True, False, True, True),
+    "pixel_norm": ((2, 5, 8, 8), 7, 3, False, True, True, True),
+    "up_pn_nobias": ((1, 6, 4, 4), 5, 3, True, True, True, False),
+    "to_rgb_1x1": ((2, 5, 8, 8), 3, 1, False, False, False, True),
+    "dense_pn": ((2, 32, 1, 1), 48, 1, False, True, True, True),
+}
+
+
+def _rel_err(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def _make(case, dtype, seed=0):
+    shape, cout, k, up, pnorm, act, has_bias = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = torch.randn(cout, shape[1], k, k, generator=g).to(DEVICE, dtype)
+    b = torch.randn(cout, generator=g).to(DEVICE, dtype) if has_bias else None
+    return x, w, b, dict(activation=act, upsample=up, pixel_norm=pnorm)
+
+
+def _check_against_reference(x, w, b, opts, scale, tol):
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if b is not None else ())]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    bt = leaves[2] if b is not None else None
+    br = refs[2] if b is not None else None
+    y = ca.conv2d_bias_lrelu(leaves[0], leaves[1], bt, scale, **opts, backend="triton")
+    yr = ca.reference(refs[0], refs[1], br, scale, **opts)
+    assert y.dtype == x.dtype and y.shape == yr.shape
+    assert _rel_err(y, yr) <= tol, ("forward", _rel_err(y, yr))
+    gy = torch.randn(yr.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+    y.backward(gy.to(x.dtype))
+    yr.backward(gy.double())
+    for name, t, r in zip(("dx", "dw", "db"), leaves, refs):
+        assert t.grad.dtype == t.dtype
+        assert _rel_err(t.grad, r.grad) <= 2 * tol, (name, _rel_err(t.grad, r.grad))
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_backward_match_the_reference(name, dtype):
+    x, w, b, opts = _make(CASES[name], dtype)
+    _check_against_reference(x, w, b, opts, 0.3, TOL[dtype])
+
+
+def test_16x16_fp32():
+    x, w, b, opts = _make(((1, 4, 16, 16), 6, 3, False, True, True, True), torch.float32)
+    _check_against_reference(x, w, b, opts, 0.2, TOL[torch.float32])
+
+
+def test_wide_pixel_norm_falls_back_to_the_pixel_norm_op(monkeypatch):
+    monkeypatch.setattr(ca, "PN_FUSE_MAX_COUT", 4)
+    calls = []
+    real = ca._pixel_norm_op
+    monkeypatch.setattr(ca, "_pixel_norm_op", lambda *a: calls.append(1) or real(*a))
+    for case in (CASES["pixel_norm"], CASES["dense_pn"]):
+        x, w, b, opts = _make(case, torch.float32)
+        _check_against_reference(x, w, b, opts, 0.3, TOL[torch.float32])
+    assert len(calls) == 2
+
+
+def test_fused_pixel_norm_does_not_call_the_pixel_norm_op(monkeypatch):
+    monkeypatch.setattr(ca, "_pixel_norm_op", None)  # would raise if called
+    x, w, b, opts = _make(CASES["pixel_norm"], torch.float32)
+    ca.conv2d_bias_lrelu(x, w, b, 0.3, **opts, backend="triton")
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 6, 5, 4, device=DEVICE).transpose(2, 3)
+    w, b = torch.randn(5, 6, 3, 3, device=DEVICE), torch.randn(5, device=DEVICE)
+    torch.testing.assert_close(ca.conv2d_bias_lrelu(x, w, b, 0.2, backend="triton"), ca.reference(x, w, b, 0.2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _d(*shape):
+    return torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+
+# (x shape, Cout, k, upsample, pixel_norm, activation, bias)
+GRAD_CASES = {
+    "3x3": ((1, 2, 3, 3), 3, 3, False, False, True, True),
+    "3x3_noact_nobias": ((2, 3, 2, 3), 2, 3, False, False, False, False),
+    "act_nobias": ((1, 2, 3, 3), 3, 3, False, False, True, False),
+    "up": ((1, 2, 2, 2), 3, 3, True, False, True, True),
+    "up_pn": ((1, 2, 2, 2), 3, 3, True, True, True, True),
+    "pn_1x1_noact_nobias": ((1, 2, 2, 2), 3, 1, True, True, False, False),
+    "dense": ((2, 4, 1, 1), 5, 1, False, False, True, True),
+}
+
+
+def _grad_inputs(case):
+    shape, cout, k, up, pnorm, act, has_bias = case
+    x, w = _d(*shape), _d(cout, shape[1], k, k)
+    # bias + 5 keeps pre-activations away from leaky-ReLU's kink, where finite differences lie
+    b = (torch.randn(cout, dtype=torch.float64, device=DEVICE) + 5).requires_grad_() if has_bias else None
+    fn = lambda x, w, b=None: ca.triton_impl(x, w, b, 0.3, act, up, pnorm)  # noqa: E731
+    return fn, ((x, w, b) if has_bias else (x, w))
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradcheck_and_gradgradcheck(name):
+    torch.manual_seed(0)
+    fn, inputs = _grad_inputs(GRAD_CASES[name])
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=name != "dense")  # one full Jacobian check
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
+def test_double_backward_matches_the_reference_gradient_penalty():
+    """The WGAN-GP pattern on two stacked layers: d/dparams of ||d out / d x||^2 (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device=DEVICE)
+    params = [_d(4, 3, 3, 3), _d(4), _d(5, 4, 1, 1), _d(5)]
+    results = []
+    for impl in (ca.triton_impl, ca.reference):
+        xi = x.clone().requires_grad_()
+        h = impl(xi, params[0], params[1], 0.4, True, False, False)
+        out = impl(h, params[2], params[3], 0.7, False, False, False)
+        (gx,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[1]).view(1, -1, 1, 1)).sum(), xi,
+                                    create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), params, allow_unused=True))
+    for got, want in zip(*results):
+        if want is None or got is None:  # bias: leaky-ReLU's derivative is piecewise constant
+            assert (want is None or not want.any()) and (got is None or not got.any())
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+OPCHECK_CASES = [
+    ((2, 3, 3, 3), 5, 3, False, False, True, True),
+    ((1, 3, 2, 2), 4, 3, True, True, True, False),
+    ((3, 6, 1, 1), 5, 1, False, False, False, True),
+]
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=["3x3", "up_pn_nobias", "dense_noact"])
+def test_opcheck(case):
+    x, w, b, opts = _make(case, torch.float32)
+    x.requires_grad_(), w.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    args = (x, w, b, 0.3, opts["activation"], opts["upsample"], opts["pixel_norm"])
+    torch.library.opcheck(ca._conv_op, args)
+    y, r = ca._conv_op(*args)
+    g = torch.randn_like(y).requires_grad_()
+    torch.library.opcheck(ca._conv_backward_op, (g, x, w, b, y.detach(), r.detach(), *args[3:]))
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="channels"):
+        ca.triton_impl(torch.zeros(1, 3, 4, 4), torch.zeros(2, 4, 3, 3), None, 1.0)
+    with pytest.raises(ValueError, match="odd"):
+        ca.conv2d_bias_lrelu(torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 2, 2), None, 1.0, backend="triton")
+
+
+# ----- on a GPU: stage shapes ------------------------------------------------------------------
+
+def _gpu_check(shape, cout, k, dtype, tol, **opts):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    w = torch.randn(cout, shape[1], k, k, device="cuda", dtype=dtype)
+    b = torch.randn(cout, device="cuda", dtype=dtype) * 0.1
+    scale = 2 ** 0.5 / (shape[1] * k * k) ** 0.5
+    _check_against_reference(x, w, b, opts, scale, tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,cout,k,opts", [
+    ((16, 512, 8, 8), 512, 3, {}),
+    ((16, 512, 4, 4), 512, 3, {"upsample": True, "pixel_norm": True}),
+    ((8, 64, 64, 64), 64, 3, {"pixel_norm": True}),
+    ((8, 128, 32, 32), 64, 3, {"upsample": True, "pixel_norm": True}),
+    ((8, 64, 64, 64), 3, 1, {"activation": False}),
+    ((16, 512, 1, 1), 8192, 1, {"pixel_norm": True}),
+    ((16, 8192, 1, 1), 512, 1, {}),
+], ids=["16x512x8x8", "up_pn_512", "8x64x64x64_pn", "up_pn_64", "to_rgb", "g_input_dense", "d_dense"])
+def test_stage_shapes_on_gpu(shape, cout, k, opts, dtype):
+    _gpu_check(shape, cout, k, dtype, 2e-2 if dtype == torch.bfloat16 else 1e-4, **opts)
+
+
+@pytest.mark.cuda
+def test_gradgradcheck_on_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    b = (torch.randn(4, dtype=torch.float64, device="cuda") + 5).requires_grad_()
+    fn = lambda x, w, b: ca.triton_impl(x, w, b, 0.3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
