@@ -109,10 +109,9 @@ class GeneratorInput(nn.Module):
         x = ops.pixel_norm(z.reshape(n, -1, 1, 1))
         # Output feature k of the dense layer is channel k // 16 of the 4x4 map, so repeating each
         # channel's bias 16 times is exactly the official "dense, reshape, add per-channel bias".
-        x = ops.conv2d_bias_lrelu(
-            x, self.weight, self.bias.repeat_interleave(16), self.scale, activation=True, pixel_norm=True,
-        )
-        return x.reshape(n, self.channels, 4, 4)
+        x = ops.conv2d_bias_lrelu(x, self.weight, self.bias.repeat_interleave(16), self.scale, activation=True)
+        # Pixel norm after the reshape: over the C channels of each of the 16 pixels, not over all 16C.
+        return ops.pixel_norm(x.reshape(n, self.channels, 4, 4))
 
 
 class Generator(nn.Module):

@@ -83,9 +83,11 @@ def test_gains_follow_the_official_code():
 def test_generator_features_are_pixel_normalized():
     torch.manual_seed(2)
     G = Generator(CFG)
-    x = G.blocks["8"](G.conv4(G.input(torch.randn(5, CFG.latent_size))))
-    rms = x.square().mean(1).sqrt()
-    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    x4 = G.input(torch.randn(5, CFG.latent_size))
+    assert x4.shape == (5, CFG.channels(4), 4, 4)
+    for x in (x4, G.conv4(x4), G.blocks["8"](G.conv4(x4))):  # each pixel's C features, as the official code
+        rms = x.square().mean(1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
 
 
 def test_input_layer_bias_is_per_channel():
