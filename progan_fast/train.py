@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks CUDA when PyTorch sees a GPU")
     r.add_argument("--backend", choices=("auto",) + ops.KNOWN_BACKENDS, default="reference",
-                   help="kernel backend for every op: reference is plain PyTorch; auto picks the fastest available")
+                   help="kernel backend for every op: reference is plain PyTorch; triton runs our Triton kernels "
+                        "(on a GPU; on the CPU only under TRITON_INTERPRET=1, which is for tests); cuda and cpu are the "
+                        "native extension (not built yet); auto picks triton on a GPU and the fastest CPU backend otherwise")
     r.add_argument("--log-kimg", type=float, default=1.0, help="log losses and img/s every this many kimg")
     r.add_argument("--sample-kimg", type=float, default=10.0, help="write a sample grid every this many kimg (and at each phase end)")
     r.add_argument("--checkpoint-kimg", type=float, default=20.0, help="checkpoint every this many kimg (and at each phase end)")

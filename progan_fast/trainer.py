@@ -172,7 +172,7 @@ class Trainer:
         self.log = log
         self.device = resolve_device(options.device)
         try:
-            self.backend = ops.set_default_backend(options.backend)
+            self.backend = ops.set_default_backend(options.backend, self.device.type)
         except ops.BackendUnavailableError as e:
             raise UsageError(str(e)) from None
         self.run_dir = Path(options.out)
@@ -322,7 +322,7 @@ class Trainer:
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
         self._write_config()
-        self.log(self.dataset.summary)
+        self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}")
         if not (self.run_dir / "samples" / "reals.png").exists():
             reals = datamod.to_float(self.dataset.at(self.config.max_res)[:SAMPLE_GRID])
             save_grid(reals, self.run_dir / "samples" / "reals.png")
