@@ -66,6 +66,16 @@ def test_forward_and_backward_match_the_reference(name, dtype):
     _check_against_reference(x, w, b, opts, 0.3, TOL[dtype])
 
 
+@pytest.mark.parametrize("res,up", [(32, False), (64, True)])
+def test_large_resolutions_with_few_channels(res, up):
+    # The stages 32x32 and 64x64 (the 64x64 one as G's upsampling conv from 32x32), kept cheap for
+    # the interpreter with 3 -> 5 channels, in fp32 and bf16.
+    side = res // 2 if up else res
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, b, opts = _make(((1, 3, side, side), 5, 3, up, True, True, True), dtype, seed=res)
+        _check_against_reference(x, w, b, opts, 0.25, TOL[dtype])
+
+
 def test_16x16_fp32():
     x, w, b, opts = _make(((1, 4, 16, 16), 6, 3, False, True, True, True), torch.float32)
     _check_against_reference(x, w, b, opts, 0.2, TOL[torch.float32])
