@@ -181,3 +181,11 @@ def test_unknown_or_missing_backend_is_a_clear_error():
     with pytest.raises(ops.BackendUnavailableError, match="pixel_norm: backend 'cuda' is not available"):
         ops.pixel_norm(torch.zeros(1, 2, 2, 2), backend="cuda")
     assert ops.set_default_backend("auto") == "reference"
+
+
+def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
+    from progan_fast.ops import _triton
+
+    monkeypatch.setattr(_triton, "INTERPRETER", False)
+    with pytest.raises(ops.BackendUnavailableError, match="runs on a CUDA device"):
+        ops.set_default_backend("triton", "cpu")

@@ -54,6 +54,14 @@ def set_default_backend(name: str, device_type: str = "cpu") -> str:
             f"unknown backend {name!r}; choose one of: auto, {', '.join(KNOWN_BACKENDS)}"
         )
     else:
+        if name == "triton" and device_type == "cpu":
+            from . import _triton
+
+            if not _triton.INTERPRETER:
+                raise BackendUnavailableError(
+                    "backend 'triton' runs on a CUDA device; on the CPU use reference "
+                    "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)"
+                )
         missing = [op for op, t in tables.items() if name not in t]
         if missing:
             raise BackendUnavailableError(
