@@ -1,0 +1,82 @@
+"""The fade-in family at every stage that fades (res >= 8):
+
+- ``fade_in``: the generator's RGB fade, ``lerp(up2x(low [N, 3, res/2]), high [N, 3, res], alpha)``;
+- ``blend``: the discriminator's feature fade on ``[N, C(res/2), res/2, res/2]``;
+- ``downsample2x``: the discriminator block's 2x2 average pool of ``[N, C(res/2), res, res]``;
+- ``fade_reals``: the real images ``[N, 3, res, res]`` during a fade.
+"""
+
+import pytest
+import torch
+
+from _bench import DEVICE, MODES, RESOLUTIONS, backend_params, channels, dtype_params, implementation, \
+    op_module, run_case, skip_compile_in_smoke, stage
+
+FADE = op_module("fade_in")
+FADE_RES = [r for r in RESOLUTIONS if r >= 8]
+ALPHA = 0.3
+
+
+def _randn(*shape, dtype, grad):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
+
+
+def _case(benchmark, floor, op, table, backend, res, dtype, mode, make_inputs, call):
+    skip_compile_in_smoke(benchmark, backend, res == FADE_RES[0])
+    grad = mode != "fwd"
+    inputs = make_inputs(stage(res), dtype, grad)
+    impl = implementation(table, backend)
+    run_case(benchmark, floor, op=op, res=res, dtype=dtype, mode=mode, backend=backend,
+             fn=lambda *t: call(impl, *t), inputs=inputs, grad_inputs=inputs if grad else [])
+
+
+params = pytest.mark.parametrize
+modes = params("mode", MODES)
+dtypes = params("dtype", dtype_params())
+resolutions = params("res", FADE_RES)
+
+
+@modes
+@dtypes
+@resolutions
+@params("backend", backend_params(FADE.FADE_IN_IMPLEMENTATIONS))
+def test_fade_in(benchmark, memory_floor_gbps, backend, res, dtype, mode):
+    def make(s, dtype, grad):
+        return [_randn(s.batch, 3, res // 2, res // 2, dtype=dtype, grad=grad),
+                _randn(s.batch, 3, res, res, dtype=dtype, grad=grad)]
+    _case(benchmark, memory_floor_gbps, "fade_in", FADE.FADE_IN_IMPLEMENTATIONS, backend, res, dtype, mode, make,
+          lambda f, low, high: f(low, high, ALPHA))
+
+
+@modes
+@dtypes
+@resolutions
+@params("backend", backend_params(FADE.BLEND_IMPLEMENTATIONS))
+def test_blend(benchmark, memory_floor_gbps, backend, res, dtype, mode):
+    def make(s, dtype, grad):
+        shape = (s.batch, channels(res // 2), res // 2, res // 2)
+        return [_randn(*shape, dtype=dtype, grad=grad), _randn(*shape, dtype=dtype, grad=grad)]
+    _case(benchmark, memory_floor_gbps, "blend", FADE.BLEND_IMPLEMENTATIONS, backend, res, dtype, mode, make,
+          lambda f, old, new: f(old, new, ALPHA))
+
+
+@modes
+@dtypes
+@resolutions
+@params("backend", backend_params(FADE.DOWNSAMPLE_IMPLEMENTATIONS))
+def test_downsample2x(benchmark, memory_floor_gbps, backend, res, dtype, mode):
+    def make(s, dtype, grad):
+        return [_randn(s.batch, channels(res // 2), res, res, dtype=dtype, grad=grad)]
+    _case(benchmark, memory_floor_gbps, "downsample2x", FADE.DOWNSAMPLE_IMPLEMENTATIONS, backend, res, dtype, mode,
+          make, lambda f, x: f(x))
+
+
+@modes
+@dtypes
+@resolutions
+@params("backend", backend_params(FADE.FADE_REALS_IMPLEMENTATIONS))
+def test_fade_reals(benchmark, memory_floor_gbps, backend, res, dtype, mode):
+    def make(s, dtype, grad):
+        return [_randn(s.batch, 3, res, res, dtype=dtype, grad=grad)]
+    _case(benchmark, memory_floor_gbps, "fade_reals", FADE.FADE_REALS_IMPLEMENTATIONS, backend, res, dtype, mode,
+          make, lambda f, x: f(x, ALPHA))
