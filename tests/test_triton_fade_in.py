@@ -12,6 +12,7 @@ import torch
 from progan_fast.ops import _triton
 
 fi = importlib.import_module("progan_fast.ops.fade_in")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
 
 pytestmark = pytest.mark.skipif(not _triton.available(), reason=_triton.why_unavailable() if _triton.triton else "no triton")
 
@@ -20,7 +21,7 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e
        torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
-def _randn(shape, dtype, device="cpu", seed=0):
+def _randn(shape, dtype, device=DEVICE, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
@@ -64,7 +65,7 @@ def _run(op, inputs, alpha, backend, grad_out=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,shape", CASES, ids=[f"{o}-{'x'.join(map(str, s))}" for o, s in CASES])
 def test_matches_the_reference_forward_and_backward(op, shape, dtype):
-    inputs = OPS[op][1](shape, dtype, "cpu")
+    inputs = OPS[op][1](shape, dtype, DEVICE)
     y, grads, g = _run(op, inputs, 0.3, "triton")
     y_ref, grads_ref, _ = _run(op, [t.double() for t in inputs], 0.3, "reference", g.double())
     assert y.dtype == dtype and y.shape == y_ref.shape and y.is_contiguous()
@@ -78,7 +79,7 @@ def test_matches_the_reference_forward_and_backward(op, shape, dtype):
 def test_several_programs_and_a_ragged_tail(op, monkeypatch):
     # Under the interpreter a launch is normally one big program; force 64-wide blocks.
     monkeypatch.setattr(fi, "_INTERPRETER_MAX_BLOCK", 64)
-    inputs = OPS[op][1]((3, 5, 6, 10), torch.float64, "cpu")
+    inputs = OPS[op][1]((3, 5, 6, 10), torch.float64, DEVICE)
     y, grads, g = _run(op, inputs, 0.7, "triton")
     y_ref, grads_ref, _ = _run(op, inputs, 0.7, "reference", g)
     torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
@@ -88,7 +89,7 @@ def test_several_programs_and_a_ragged_tail(op, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fade_ends_are_exact(dtype):
-    low, high = _fade_in_inputs((2, 5, 3, 4), dtype, "cpu")
+    low, high = _fade_in_inputs((2, 5, 3, 4), dtype, DEVICE)
     up = low.repeat_interleave(2, 2).repeat_interleave(2, 3)
     for alpha in (0.0, torch.tensor(0.0)):
         assert torch.equal(fi.fade_in(low, high, alpha, backend="triton"), up)
@@ -105,7 +106,7 @@ def test_fade_ends_are_exact(dtype):
 
 def test_lerp_formula_matches_torch_lerp_bit_for_bit_in_float32():
     # Both branches of torch.lerp's formula (|alpha| < 0.5 and >= 0.5) and out-of-range weights.
-    a, b = _randn((1, 3, 8, 8), torch.float32, "cpu", 1), _randn((1, 3, 8, 8), torch.float32, "cpu", 2)
+    a, b = _randn((1, 3, 8, 8), torch.float32, DEVICE, 1), _randn((1, 3, 8, 8), torch.float32, DEVICE, 2)
     for alpha in (0.1, 0.49, 0.5, 0.9, -0.3, 1.2):
         assert torch.equal(fi.blend(a, b, alpha, backend="triton"), torch.lerp(a, b, alpha)), alpha
 
@@ -113,7 +114,7 @@ def test_lerp_formula_matches_torch_lerp_bit_for_bit_in_float32():
 @pytest.mark.parametrize("op", ["fade_in", "blend", "fade_reals"])
 def test_float_and_tensor_alpha_agree(op):
     fn, make = OPS[op]
-    inputs = make((2, 3, 4, 6), torch.float32, "cpu")
+    inputs = make((2, 3, 4, 6), torch.float32, DEVICE)
     want = fn(inputs, 0.375, "triton")
     for alpha in (torch.tensor(0.375), torch.tensor(0.375, dtype=torch.float64),
                   torch.tensor(0.375, dtype=torch.float64, requires_grad=True)):
@@ -125,18 +126,18 @@ def test_float_and_tensor_alpha_agree(op):
 @pytest.mark.parametrize("op", ["fade_in", "blend", "fade_reals"])
 def test_alpha_gradient_matches_the_reference(op, dtype):
     fn, make = OPS[op]
-    inputs = make((2, 3, 4, 6), dtype, "cpu")
+    inputs = make((2, 3, 4, 6), dtype, DEVICE)
     grads = []
     for backend, ins in (("triton", inputs), ("reference", [t.double() for t in inputs])):
         alpha = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
         y = fn(ins, alpha, backend)
-        (y.double() * _randn(y.shape, torch.float64, "cpu", 4)).sum().backward()
+        (y.double() * _randn(y.shape, torch.float64, DEVICE, 4)).sum().backward()
         grads.append(alpha.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * 10)
 
 
 def test_no_alpha_gradient_unless_asked():
-    low, high = [t.requires_grad_() for t in _fade_in_inputs((1, 2, 2, 2), torch.float32, "cpu")]
+    low, high = [t.requires_grad_() for t in _fade_in_inputs((1, 2, 2, 2), torch.float32, DEVICE)]
     alpha = torch.tensor(0.5)
     fi.fade_in(low, high, alpha, backend="triton").sum().backward()
     assert alpha.grad is None and low.grad is not None and high.grad is not None
@@ -160,7 +161,7 @@ def test_shape_and_dtype_errors():
 # ----- autograd in float64 ---------------------------------------------------------------------
 
 def _d(*shape, seed=0):
-    return _randn(shape, torch.float64, "cpu", seed).requires_grad_()
+    return _randn(shape, torch.float64, DEVICE, seed).requires_grad_()
 
 
 def _alpha():
@@ -198,25 +199,25 @@ def test_double_backward_through_a_penalty_like_graph():
         (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         (gg,) = torch.autograd.grad(g.square().sum(), x)
         return gg
-    x, h = _randn((2, 3, 6, 4), torch.float64, "cpu", 1), _randn((2, 3, 3, 2), torch.float64, "cpu", 2)
+    x, h = _randn((2, 3, 6, 4), torch.float64, DEVICE, 1), _randn((2, 3, 3, 2), torch.float64, DEVICE, 2)
     torch.testing.assert_close(penalty("triton", x, h), penalty("reference", x, h))
 
 
 # ----- opcheck: every registered custom op -------------------------------------------------------
 
 def _op_samples():
-    a = torch.tensor(0.3)
-    lo, hi = torch.randn(2, 3, 2, 3, requires_grad=True), torch.randn(2, 3, 4, 6, requires_grad=True)
+    a = torch.tensor(0.3, device=DEVICE)
+    lo, hi = torch.randn(2, 3, 2, 3, device=DEVICE, requires_grad=True), torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True)
     return [
         (fi._fade_in_op, (lo, hi, a)),
-        (fi._fade_in_op, (lo, hi, torch.tensor(0.3, requires_grad=True))),
-        (fi._fade_in_backward_op, (torch.randn(2, 3, 4, 6, requires_grad=True), a)),
-        (fi._blend_op, (torch.randn(2, 3, 3, 5, requires_grad=True), torch.randn(2, 3, 3, 5, requires_grad=True), a)),
-        (fi._blend_backward_op, (torch.randn(2, 3, 3, 5, requires_grad=True), torch.tensor(0.3, requires_grad=True))),
-        (fi._downsample2x_op, (torch.randn(2, 3, 4, 6, requires_grad=True),)),
-        (fi._downsample2x_op, (torch.randn(1, 3, 5, 3, requires_grad=True),)),
-        (fi._downsample2x_backward_op, (torch.randn(2, 3, 2, 3, requires_grad=True), 5, 6)),
-        (fi._fade_reals_op, (torch.randn(2, 3, 4, 6, requires_grad=True), torch.tensor(0.3, requires_grad=True))),
+        (fi._fade_in_op, (lo, hi, torch.tensor(0.3, device=DEVICE, requires_grad=True))),
+        (fi._fade_in_backward_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True), a)),
+        (fi._blend_op, (torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), a)),
+        (fi._blend_backward_op, (torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), torch.tensor(0.3, device=DEVICE, requires_grad=True))),
+        (fi._downsample2x_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True),)),
+        (fi._downsample2x_op, (torch.randn(1, 3, 5, 3, device=DEVICE, requires_grad=True),)),
+        (fi._downsample2x_backward_op, (torch.randn(2, 3, 2, 3, device=DEVICE, requires_grad=True), 5, 6)),
+        (fi._fade_reals_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True), torch.tensor(0.3, device=DEVICE, requires_grad=True))),
     ]
 
 
