@@ -58,31 +58,47 @@ def gradient_penalty(
     mix: torch.Tensor | None = None,
     weight: float = WGAN_LAMBDA,
     target: float = WGAN_TARGET,
+    grad_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``weight / target**2 * E[(||grad_x D(x_hat)||_2 - target)^2]`` with ``x_hat = lerp(reals, fakes, mix)``.
 
     ``mix`` is ``[N, 1, 1, 1]`` uniform in [0, 1) (drawn here when not given). The graph is kept
     (``create_graph``) so the penalty's gradient reaches D's parameters: a double backward.
+
+    ``x_hat`` has the reals' dtype (fakes from a bf16 generator are cast up), so the gradient and
+    its norm are float32 under ``--amp``. With fp16 loss scaling, ``grad_scale`` scales the scores
+    before the inner backward (whose fp16 intermediates would otherwise underflow) and the
+    gradient is unscaled before the norm, as PyTorch's AMP recipe for gradient penalties does; an
+    overflow there makes the penalty non-finite and the whole step is skipped.
     """
     if mix is None:
         mix = torch.rand(reals.shape[0], 1, 1, 1, device=reals.device, dtype=reals.dtype)
-    mixed = torch.lerp(reals.detach(), fakes.detach(), mix).requires_grad_(True)
-    scores = critic(mixed)
-    (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    mixed = torch.lerp(reals.detach(), fakes.detach().to(reals.dtype), mix).requires_grad_(True)
+    scores = critic(mixed).sum()
+    if grad_scale is not None:
+        scores = scores * grad_scale
+    (grad,) = torch.autograd.grad(scores, mixed, create_graph=True)
+    if grad_scale is not None:
+        grad = grad / grad_scale
     norms = grad.flatten(1).norm(dim=1)
     return (norms - target).square().mean() * (weight / target**2)
 
 
 def discriminator_loss(
-    kind: str, critic: Callable[[torch.Tensor], torch.Tensor], reals: torch.Tensor, fakes: torch.Tensor
+    kind: str,
+    critic: Callable[[torch.Tensor], torch.Tensor],
+    reals: torch.Tensor,
+    fakes: torch.Tensor,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """D's loss for ``kind`` and the detached terms worth logging."""
+    """D's loss for ``kind`` and the detached terms worth logging (``grad_scale``: see
+    :func:`gradient_penalty`)."""
     real_out, fake_out = critic(reals), critic(fakes)
     stats = {"D_real": real_out.detach().mean(), "D_fake": fake_out.detach().mean()}
     if kind in ("nonsat", "minimax"):
         loss = d_logistic(real_out, fake_out)
     elif kind == "wgan-gp":
-        penalty = gradient_penalty(critic, reals, fakes)
+        penalty = gradient_penalty(critic, reals, fakes, grad_scale=grad_scale)
         loss = d_wgan(real_out, fake_out) + penalty
         stats["penalty"] = penalty.detach()
     else:

@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel backend for every op: reference is plain PyTorch; triton runs our Triton kernels "
                         "(on a GPU; on the CPU only under TRITON_INTERPRET=1, which is for tests); cuda and cpu are the "
                         "native extension (not built yet); auto picks triton on a GPU and the fastest CPU backend otherwise")
+    r.add_argument("--amp", action="store_true",
+                   help="mixed precision: forward passes under autocast (see --amp-dtype), activations stored in "
+                        "that dtype with float32 accumulation; losses, the gradient penalty's norm, weights and "
+                        "Adam state stay float32. Works on the CPU too (bf16)")
+    r.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16",
+                   help="autocast dtype for --amp; fp16 adds dynamic loss scaling done on the device (an "
+                        "overflowing step is skipped and the scale halves)")
+    r.add_argument("--cuda-graphs", action="store_true",
+                   help="capture each (resolution, phase)'s whole iteration as one CUDA graph and replay it "
+                        "(the first 3 steps of a phase run eagerly to warm up); needs a CUDA device, "
+                        "otherwise training continues without graphs")
     r.add_argument("--log-kimg", type=float, default=1.0, help="log losses and img/s every this many kimg")
     r.add_argument("--sample-kimg", type=float, default=10.0, help="write a sample grid every this many kimg (and at each phase end)")
     r.add_argument("--checkpoint-kimg", type=float, default=20.0, help="checkpoint every this many kimg (and at each phase end)")
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_after_kimg=args.stop_after_kimg,
             progress=not args.no_progress,
             tensorboard=not args.no_tensorboard,
+            amp=args.amp_dtype if args.amp else None,
+            cuda_graphs=args.cuda_graphs,
         )
         for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
             if not getattr(options, name) > 0:

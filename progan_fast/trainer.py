@@ -29,7 +29,7 @@ from .images import save_grid
 from .losses import LOSSES
 from .networks import NetworkConfig, load_grown_state_dict
 from .schedule import Phase, build_schedule, images_before
-from .step import GANState, fade_reals, train_step
+from .step import AMP_DTYPES, GANState, Iteration
 
 SAMPLE_GRID = 64  # images per sample grid (8x8)
 
@@ -103,6 +103,8 @@ class RunOptions:
     stop_after_kimg: float | None = None
     progress: bool = True
     tensorboard: bool = True
+    amp: str | None = None  # None (float32), "bf16" or "fp16"
+    cuda_graphs: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,6 +173,11 @@ class Trainer:
         self.options = options
         self.log = log
         self.device = resolve_device(options.device)
+        if options.amp is not None and options.amp not in AMP_DTYPES:
+            raise UsageError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, not {options.amp!r}")
+        self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
+        if options.cuda_graphs and not self.use_graphs:
+            self.log("--cuda-graphs needs a CUDA device; training on the CPU without CUDA graphs")
         try:
             self.backend = ops.set_default_backend(options.backend, self.device.type)
         except ops.BackendUnavailableError as e:
@@ -191,7 +198,11 @@ class Trainer:
             )
 
         torch.manual_seed(config.seed)
-        self.state = GANState.create(config.network_config(), self.device, config.loss, config.lr, config.ema_beta)
+        self.state = GANState.create(
+            config.network_config(), self.device, config.loss, config.lr, config.ema_beta,
+            amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp],
+            fused_adam=self.use_graphs, capturable=self.use_graphs,
+        )
         self.phase_index, self.step = 0, 0
         self.writer = None
         if checkpoint is not None:
@@ -273,6 +284,11 @@ class Trainer:
             # Mid-phase: Adam's moments continue. At a phase start they are reset anyway.
             self.state.opt_G.load_state_dict(ckpt["opt_G"])
             self.state.opt_D.load_state_dict(ckpt["opt_D"])
+        scales = ckpt.get("loss_scale") or {}
+        for name in ("D", "G"):  # fp16 loss scale: kept across a resume when both runs use fp16
+            scaler = getattr(self.state, f"scaler_{name}")
+            if scaler is not None and name in scales:
+                scaler.load_state_dict(scales[name])
         torch.set_rng_state(ckpt["rng_cpu"])
         if self.device.type == "cuda" and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
@@ -306,6 +322,8 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             "data_fingerprint": self.dataset.fingerprint(),
+            "loss_scale": {name: scaler.state_dict() for name, scaler in (("D", s.scaler_D), ("G", s.scaler_G))
+                           if scaler is not None},
         }
         return save_checkpoint(self.ckpt_dir, self.images_done(), payload, keep=self.options.keep_checkpoints)
 
@@ -322,7 +340,9 @@ class Trainer:
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
         self._write_config()
-        self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}")
+        amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
+        graphs = ", CUDA graphs" if self.use_graphs else ""
+        self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}")
         if not (self.run_dir / "samples" / "reals.png").exists():
             reals = datamod.to_float(self.dataset.at(self.config.max_res)[:SAMPLE_GRID])
             save_grid(reals, self.run_dir / "samples" / "reals.png")
@@ -357,29 +377,52 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
+    def _device_images(self, res: int) -> torch.Tensor | None:
+        """The dataset at ``res`` on the training device when it fits (a quarter of free GPU
+        memory), else None: batches are then staged from host memory before each step."""
+        images = self.dataset.at(res)
+        if self.device.type != "cuda":
+            return images.to(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if images.numel() > free // 4:
+            self.log(f"{res}px: the dataset ({images.numel() / 2**30:.1f} GiB) stays in host memory; "
+                     f"batches are copied to the GPU each step")
+            return None
+        return images.to(self.device)
+
     def _loop(self, bar, log_file, stop: _StopRequest, stop_at: int | None) -> bool:
         opts = self.options
         next_log = _next_multiple(self.images_done(), opts.log_kimg)
         next_sample = _next_multiple(self.images_done(), opts.sample_kimg)
         next_ckpt = _next_multiple(self.images_done(), opts.checkpoint_kimg)
-        level_res, level = None, None
-        sums: dict[str, torch.Tensor] = {}
+        level_res, device_images = None, None
+        iteration, iteration_phase = None, None
+        graphs = None
+        if self.use_graphs:
+            from .graphs import StageGraphs  # imports torch.cuda graph machinery only when asked for
+
+            graphs = StageGraphs()
         window = [0, time.perf_counter()]  # steps, start time of the current log window
         if stop_at is not None and self.images_done() >= stop_at:
             return False
         while self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
             if level_res != phase.res:
-                level_res, level = phase.res, self.dataset.at(phase.res).to(self.device)
-            if self.step == 0:
-                self.state.reset_optimizers()
+                level_res, device_images = phase.res, self._device_images(phase.res)
+            if iteration_phase != self.phase_index:
+                if self.step == 0:
+                    self.state.reset_optimizers()
+                iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images)
+                iteration_phase = self.phase_index
                 bar.set_description(f"{phase.res}px {phase.name}")
             alpha = phase.alpha(self.step)
-            idx = torch.randint(level.shape[0], (phase.batch,), device=self.device)
-            reals = fade_reals(datamod.to_float(level[idx]), alpha)
-            out = train_step(self.state, reals, phase.res, alpha)
-            for k, v in {"D_loss": out.d_loss, "G_loss": out.g_loss, **out.stats}.items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
+            iteration.set_alpha(alpha)
+            if device_images is None:
+                iteration.load_batch(self.dataset.at(phase.res))
+            if graphs is not None:
+                graphs.step(self.phase_index, iteration)
+            else:
+                iteration()
             window[0] += 1
             self.step += 1
             bar.update(phase.batch)
@@ -387,8 +430,8 @@ class Trainer:
             end_of_phase = self.step >= phase.steps
             images = self.images_done()
             if images >= next_log or end_of_phase:
-                self._log_window(phase, alpha, sums, window, bar, log_file)
-                sums, window = {}, [0, time.perf_counter()]
+                self._log_window(phase, alpha, iteration.read_sums(), window, bar, log_file)
+                window = [0, time.perf_counter()]
                 next_log = _next_multiple(images, opts.log_kimg)
             if images >= next_sample or end_of_phase:
                 self.save_samples(phase)
@@ -406,7 +449,7 @@ class Trainer:
     def _log_window(self, phase: Phase, alpha, sums, window, bar, log_file) -> None:
         steps, started = window
         seconds = max(time.perf_counter() - started, 1e-9)
-        means = {k: float(v) / steps for k, v in sums.items()}  # the only host sync of the loop
+        means = {k: v / steps for k, v in sums.items()}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             raise TrainingDiverged(
