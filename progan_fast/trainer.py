@@ -205,6 +205,7 @@ class Trainer:
         )
         self.phase_index, self.step = 0, 0
         self.writer = None
+        self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
         if checkpoint is not None:
             self._restore(checkpoint)
         # Fixed latents for sample grids, from their own generator so they never shift training's RNG.
@@ -401,7 +402,7 @@ class Trainer:
         if self.use_graphs:
             from .graphs import StageGraphs  # imports torch.cuda graph machinery only when asked for
 
-            graphs = StageGraphs()
+            graphs = self.graphs = StageGraphs()
         window = [0, time.perf_counter()]  # steps, start time of the current log window
         if stop_at is not None and self.images_done() >= stop_at:
             return False
