@@ -21,6 +21,7 @@ setup(
         "Pillow>=10.0",
         "tqdm>=4.66",
         "tensorboard>=2.14",
+        "nvtx>=0.2.10",  # NVTX ranges for Nsight (--nvtx); a no-op without a GPU
         # Triton kernels; on a machine without a GPU they run (slowly, for tests) in its interpreter.
         "triton>=3.6; platform_system == 'Linux'",
     ],

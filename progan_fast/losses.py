@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .profiling import nvtx_range
+
 LOSSES = ("nonsat", "minimax", "wgan-gp")
 WGAN_LAMBDA = 10.0
 WGAN_DRIFT = 0.001
@@ -98,7 +100,8 @@ def discriminator_loss(
     if kind in ("nonsat", "minimax"):
         loss = d_logistic(real_out, fake_out)
     elif kind == "wgan-gp":
-        penalty = gradient_penalty(critic, reals, fakes, grad_scale=grad_scale)
+        with nvtx_range("penalty"):
+            penalty = gradient_penalty(critic, reals, fakes, grad_scale=grad_scale)
         loss = d_wgan(real_out, fake_out) + penalty
         stats["penalty"] = penalty.detach()
     else:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import losses, ops
+from .profiling import nvtx_range
 from .data import to_float
 from .networks import Discriminator, Generator, NetworkConfig
 from .ops.fade_in import Alpha
@@ -164,15 +165,16 @@ class StepLosses:
         return {"D_loss": self.d_loss, "G_loss": self.g_loss, **self.stats}
 
 
-def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: DeviceLossScaler | None) -> None:
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-        return
-    (loss * scaler.scale).backward()
-    scaler.unscale_(optimizer)
-    optimizer.step()  # skipped on the device when scaler.found_inf is set
-    scaler.update()
+def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: DeviceLossScaler | None,
+                       net: str) -> None:
+    with nvtx_range(f"{net} backward"):
+        (loss if scaler is None else loss * scaler.scale).backward()
+    with nvtx_range(f"{net} optimizer"):
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        optimizer.step()  # skipped on the device when scaler.found_inf is set
+        if scaler is not None:
+            scaler.update()
 
 
 def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | None) -> StepLosses:
@@ -188,28 +190,31 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     def critic(x: torch.Tensor) -> torch.Tensor:
         return D(x, res, alpha).float()
 
-    # D step.
-    z = torch.randn(latent_shape, device=reals.device)
-    with autocast:
-        with torch.no_grad():
-            fakes = G(z, res, alpha)
-        scale = state.scaler_D.scale if state.scaler_D is not None else None
-        d_loss, stats = losses.discriminator_loss(state.loss, critic, reals, fakes, grad_scale=scale)
+    # D step. The "D forward" range holds G's fakes, D on reals and fakes, and the penalty.
+    with nvtx_range("D forward"):
+        z = torch.randn(latent_shape, device=reals.device)
+        with autocast:
+            with torch.no_grad():
+                fakes = G(z, res, alpha)
+            scale = state.scaler_D.scale if state.scaler_D is not None else None
+            d_loss, stats = losses.discriminator_loss(state.loss, critic, reals, fakes, grad_scale=scale)
     state.opt_D.zero_grad(set_to_none=True)
-    _backward_and_step(d_loss, state.opt_D, state.scaler_D)
+    _backward_and_step(d_loss, state.opt_D, state.scaler_D, "D")
 
     # G step, with D frozen so no weight gradients are computed for it.
-    z = torch.randn(latent_shape, device=reals.device)
     D.requires_grad_(False)
     try:
-        with autocast:
-            g_loss = losses.generator_loss(state.loss, critic(G(z, res, alpha)))
+        with nvtx_range("G forward"):
+            z = torch.randn(latent_shape, device=reals.device)
+            with autocast:
+                g_loss = losses.generator_loss(state.loss, critic(G(z, res, alpha)))
         state.opt_G.zero_grad(set_to_none=True)
-        _backward_and_step(g_loss, state.opt_G, state.scaler_G)
+        _backward_and_step(g_loss, state.opt_G, state.scaler_G, "G")
     finally:
         D.requires_grad_(True)
 
-    update_ema(state.G_ema, G, state.ema_beta)
+    with nvtx_range("EMA"):
+        update_ema(state.G_ema, G, state.ema_beta)
     return StepLosses(d_loss.detach(), g_loss.detach(), stats)
 
 
@@ -267,14 +272,15 @@ class Iteration:
         self._staged.record()
 
     def __call__(self) -> None:
-        if self.images is not None:
-            idx = torch.randint(self.images.shape[0], (self.batch,), device=self.images.device)
-            batch = self.images[idx]
-        else:
-            batch = self.batch_buffer
-        reals = to_float(batch)
         alpha = self.alpha if self.fade else None
-        out = train_step(self.state, fade_reals(reals, alpha), self.res, alpha)
+        with nvtx_range("data"):
+            if self.images is not None:
+                idx = torch.randint(self.images.shape[0], (self.batch,), device=self.images.device)
+                batch = self.images[idx]
+            else:
+                batch = self.batch_buffer
+            reals = fade_reals(to_float(batch), alpha)
+        out = train_step(self.state, reals, self.res, alpha)
         for name, value in out.as_dict().items():
             if name in self.sums:
                 self.sums[name].add_(value)

@@ -15,7 +15,8 @@ from . import ops
 from .checkpoint import CheckpointError
 from .data import DataError
 from .losses import LOSSES
-from .trainer import PRESETS, RunOptions, Trainer, TrainConfig, TrainingDiverged, UsageError
+from .profiling import parse_window
+from .trainer import PRESETS, PROFILE_SKIP_STEPS, RunOptions, Trainer, TrainConfig, TrainingDiverged, UsageError
 
 PROG = "progan_fast.train"
 
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture each (resolution, phase)'s whole iteration as one CUDA graph and replay it "
                         "(the first 3 steps of a phase run eagerly to warm up); needs a CUDA device, "
                         "otherwise training continues without graphs")
+    pr = p.add_argument_group("profiling (see README, 'Profiling')")
+    pr.add_argument("--nvtx", action="store_true",
+                    help="mark each phase of a step (data, D forward, penalty, D backward, D optimizer, G forward, "
+                         "G backward, G optimizer, EMA) and every op call with NVTX ranges for Nsight Systems")
+    pr.add_argument("--profile", metavar="N", type=int, default=None,
+                    help=f"after {PROFILE_SKIP_STEPS} warm-up steps, record N steps with torch.profiler, write a "
+                         "Chrome trace and an op summary to RUN/profile/, then stop with a checkpoint")
+    pr.add_argument("--cuda-profiler-steps", metavar="START:STOP", default=None,
+                    help="call cudaProfilerStart before step START and cudaProfilerStop after step STOP-1 (steps of "
+                         "this invocation, from 0), for 'nsys profile --capture-range=cudaProfilerApi'")
     r.add_argument("--log-kimg", type=float, default=1.0, help="log losses and img/s every this many kimg")
     r.add_argument("--sample-kimg", type=float, default=10.0, help="write a sample grid every this many kimg (and at each phase end)")
     r.add_argument("--checkpoint-kimg", type=float, default=20.0, help="checkpoint every this many kimg (and at each phase end)")
@@ -125,6 +136,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def cuda_window(text: str) -> tuple[int, int]:
+    try:
+        return parse_window(text)
+    except ValueError as e:
+        raise UsageError(f"--cuda-profiler-steps: {e}") from None
+
+
 def default_out(resume: str | None) -> Path:
     runs = Path("runs")
     if resume == "auto":
@@ -154,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             tensorboard=not args.no_tensorboard,
             amp=args.amp_dtype if args.amp else None,
             cuda_graphs=args.cuda_graphs,
+            nvtx=args.nvtx,
+            profile_steps=args.profile,
+            cuda_profiler_window=None if args.cuda_profiler_steps is None else cuda_window(args.cuda_profiler_steps),
         )
         for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
             if not getattr(options, name) > 0:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import data as datamod
-from . import ops
+from . import ops, profiling
 from .checkpoint import CheckpointError, atomic_torch_save, list_checkpoints, load_checkpoint, save_checkpoint
 from .images import save_grid
 from .losses import LOSSES
@@ -105,6 +105,14 @@ class RunOptions:
     tensorboard: bool = True
     amp: str | None = None  # None (float32), "bf16" or "fp16"
     cuda_graphs: bool = False
+    nvtx: bool = False
+    profile_steps: int | None = None  # record this many steps with torch.profiler, then stop
+    cuda_profiler_window: tuple[int, int] | None = None  # (start, stop) steps of this invocation
+
+
+#: Steps of an invocation that ``--profile`` lets pass before it records: allocation, Triton
+#: autotuning and CUDA graph capture happen there and are not what a profile should show.
+PROFILE_SKIP_STEPS = 5
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +184,11 @@ class Trainer:
         if options.amp is not None and options.amp not in AMP_DTYPES:
             raise UsageError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, not {options.amp!r}")
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
+        if options.profile_steps is not None and options.profile_steps < 1:
+            raise UsageError(f"--profile must be at least 1 step, not {options.profile_steps}")
+        if options.cuda_profiler_window is not None and self.device.type != "cuda":
+            self.log("--cuda-profiler-steps needs a CUDA device; ignored")
+        profiling.enable_nvtx(options.nvtx)
         if options.cuda_graphs and not self.use_graphs:
             self.log("--cuda-graphs needs a CUDA device; training on the CPU without CUDA graphs")
         try:
@@ -406,6 +419,11 @@ class Trainer:
         window = [0, time.perf_counter()]  # steps, start time of the current log window
         if stop_at is not None and self.images_done() >= stop_at:
             return False
+        done_here = 0  # steps taken by this invocation
+        cuda_window = None
+        if opts.cuda_profiler_window is not None:
+            cuda_window = profiling.CudaProfilerWindow(*opts.cuda_profiler_window, enabled=self.device.type == "cuda")
+        prof = None
         while self.phase_index < len(self.phases):
             phase = self.phases[self.phase_index]
             if level_res != phase.res:
@@ -420,13 +438,26 @@ class Trainer:
             iteration.set_alpha(alpha)
             if device_images is None:
                 iteration.load_batch(self.dataset.at(phase.res))
-            if graphs is not None:
-                graphs.step(self.phase_index, iteration)
-            else:
-                iteration()
+            if cuda_window is not None:
+                cuda_window.before_step(done_here)
+            if opts.profile_steps is not None and done_here == PROFILE_SKIP_STEPS:
+                prof = profiling.torch_profiler(self.device.type)
+                prof.__enter__()
+            with profiling.nvtx_range(f"step {phase.res}px {phase.name}"):
+                if graphs is not None:
+                    graphs.step(self.phase_index, iteration)
+                else:
+                    iteration()
+            if cuda_window is not None:
+                cuda_window.after_step(done_here)
+            done_here += 1
             window[0] += 1
             self.step += 1
             bar.update(phase.batch)
+            profiled = prof is not None and done_here == PROFILE_SKIP_STEPS + opts.profile_steps
+            if profiled:
+                self._write_profile(prof)
+                prof = None
 
             end_of_phase = self.step >= phase.steps
             images = self.images_done()
@@ -439,13 +470,29 @@ class Trainer:
                 next_sample = _next_multiple(images, opts.sample_kimg)
             if end_of_phase:
                 self.phase_index, self.step = self.phase_index + 1, 0
-            stopping = stop.requested or (stop_at is not None and images >= stop_at)
+            stopping = stop.requested or (stop_at is not None and images >= stop_at) or profiled
             if images >= next_ckpt or end_of_phase or stopping:
                 self.checkpoint()
                 next_ckpt = _next_multiple(images, opts.checkpoint_kimg)
             if stopping:
-                return False
-        return True
+                break
+        if prof is not None:  # the schedule ended before --profile's steps were recorded
+            self._write_profile(prof)
+        if cuda_window is not None:
+            cuda_window.close()
+        return self.phase_index >= len(self.phases)
+
+    def _write_profile(self, prof) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        prof.__exit__(None, None, None)
+        folder = self.run_dir / "profile"
+        trace = profiling.export_trace(prof, folder / f"trace-{self.images_done():012d}.json")
+        sort = "cuda_time_total" if self.device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
+        (folder / f"summary-{self.images_done():012d}.txt").write_text(table + "\n")
+        self.log(f"profiled {self.options.profile_steps} steps: {trace} (open it at https://ui.perfetto.dev); "
+                 f"top ops in {folder}/summary-{self.images_done():012d}.txt")
 
     def _log_window(self, phase: Phase, alpha, sums, window, bar, log_file) -> None:
         steps, started = window

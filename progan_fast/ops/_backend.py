@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
+from .. import profiling
+from . import _amp
+
 F = TypeVar("F", bound=Callable)
 
 #: Every backend name the project knows, in order of preference for ``auto`` (fastest first).
@@ -93,3 +96,11 @@ def resolve(op_name: str, implementations: dict[str, F], backend: str | None) ->
             f"{op_name}: backend {name!r} is not available; available: "
             f"{', '.join(available_backends(implementations))}"
         ) from None
+
+
+def dispatch(op_name: str, implementations: dict[str, Callable], backend: str | None, *args):
+    """Run ``op_name`` on the chosen backend: inside its NVTX range (``--nvtx``) and under the
+    autocast policy of :mod:`progan_fast.ops._amp`. Every public op goes through here."""
+    impl = resolve(op_name, implementations, backend)
+    with profiling.nvtx_range(op_name):
+        return _amp.call(impl, *args)

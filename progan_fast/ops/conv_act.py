@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _amp, _backend, _triton
+from . import _backend, _triton
 from ._triton import tl, triton
 from .fade_in import upsample2x_reference
 from .pixel_norm import _pixel_norm_op
@@ -106,8 +106,8 @@ def conv2d_bias_lrelu(
     """``x`` ``[N, Cin, H, W]``, ``weight`` ``[Cout, Cin, k, k]`` (k odd), ``bias`` ``[Cout]`` or None."""
     if weight.shape[-1] % 2 == 0 or weight.shape[-1] != weight.shape[-2]:
         raise ValueError(f"conv2d_bias_lrelu: kernel must be square and odd, got {tuple(weight.shape)}")
-    impl = _backend.resolve("conv2d_bias_lrelu", IMPLEMENTATIONS, backend)
-    return _amp.call(impl, x, weight, bias, scale, activation, upsample, pixel_norm)
+    return _backend.dispatch("conv2d_bias_lrelu", IMPLEMENTATIONS, backend,
+                             x, weight, bias, scale, activation, upsample, pixel_norm)
 
 
 # ----- Triton backend ---------------------------------------------------------------------------

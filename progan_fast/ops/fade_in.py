@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _amp, _backend, _triton
+from . import _backend, _triton
 from ._triton import tl, triton
 
 Alpha = float | torch.Tensor
@@ -96,24 +96,24 @@ def fade_in(low: torch.Tensor, high: torch.Tensor, alpha: Alpha, backend: str | 
     """``low`` ``[N, C, H, W]``, ``high`` ``[N, C, 2H, 2W]`` -> ``lerp(up2x(low), high, alpha)``."""
     if high.shape[-2:] != (2 * low.shape[-2], 2 * low.shape[-1]):
         raise ValueError(f"fade_in: high {tuple(high.shape)} is not twice low {tuple(low.shape)}")
-    return _amp.call(_backend.resolve("fade_in", FADE_IN_IMPLEMENTATIONS, backend), low, high, alpha)
+    return _backend.dispatch("fade_in", FADE_IN_IMPLEMENTATIONS, backend, low, high, alpha)
 
 
 def blend(old: torch.Tensor, new: torch.Tensor, alpha: Alpha, backend: str | None = None) -> torch.Tensor:
     """``lerp(old, new, alpha)`` for two tensors of the same shape (the discriminator's fade)."""
-    return _amp.call(_backend.resolve("blend", BLEND_IMPLEMENTATIONS, backend), old, new, alpha)
+    return _backend.dispatch("blend", BLEND_IMPLEMENTATIONS, backend, old, new, alpha)
 
 
 def downsample2x(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """2x2 average pool of an ``[N, C, H, W]`` tensor with even H and W."""
-    return _amp.call(_backend.resolve("downsample2x", DOWNSAMPLE_IMPLEMENTATIONS, backend), x)
+    return _backend.dispatch("downsample2x", DOWNSAMPLE_IMPLEMENTATIONS, backend, x)
 
 
 def fade_reals(x: torch.Tensor, alpha: Alpha, backend: str | None = None) -> torch.Tensor:
     """``x`` ``[N, C, H, W]`` (even H, W) -> ``lerp(up2x(down2x(x)), x, alpha)`` (the reals during a fade)."""
     if x.dim() != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"fade_reals: needs [N, C, H, W] with even H and W, got {tuple(x.shape)}")
-    return _amp.call(_backend.resolve("fade_reals", FADE_REALS_IMPLEMENTATIONS, backend), x, alpha)
+    return _backend.dispatch("fade_reals", FADE_REALS_IMPLEMENTATIONS, backend, x, alpha)
 
 
 # ----- Triton backend ---------------------------------------------------------------------------

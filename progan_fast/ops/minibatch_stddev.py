@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _amp, _backend, _triton
+from . import _backend, _triton
 from ._triton import tl, triton
 
 
@@ -72,7 +72,7 @@ IMPLEMENTATIONS = {"reference": reference}
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4, backend: str | None = None) -> torch.Tensor:
     """``x`` ``[N, C, H, W]`` -> ``[N, C + 1, H, W]`` with the group stddev as the last channel."""
-    return _amp.call(_backend.resolve("minibatch_stddev", IMPLEMENTATIONS, backend), x, group_size)
+    return _backend.dispatch("minibatch_stddev", IMPLEMENTATIONS, backend, x, group_size)
 
 
 # ----- Triton backend ---------------------------------------------------------------------------

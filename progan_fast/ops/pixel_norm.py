@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _amp, _backend, _triton
+from . import _backend, _triton
 from ._triton import tl, triton
 
 
@@ -31,7 +31,7 @@ IMPLEMENTATIONS = {"reference": reference}
 
 
 def pixel_norm(x: torch.Tensor, eps: float = 1e-8, backend: str | None = None) -> torch.Tensor:
-    return _amp.call(_backend.resolve("pixel_norm", IMPLEMENTATIONS, backend), x, eps)
+    return _backend.dispatch("pixel_norm", IMPLEMENTATIONS, backend, x, eps)
 
 
 # ----- Triton backend ---------------------------------------------------------------------------
