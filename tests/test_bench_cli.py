@@ -1,0 +1,63 @@
+"""``python -m progan_fast.bench``: the configurations it times, its table and JSON, its errors."""
+
+import json
+
+import pytest
+
+from progan_fast import bench
+
+
+def test_configurations_per_device():
+    cpu = [v.name for v in bench.variants_for("cpu", "wgan-gp", with_compile=True)]
+    assert cpu[:2] == ["reference", "compile"] and "reference+amp" in cpu
+    assert not any("graphs" in n or n.startswith("triton") for n in cpu)  # no interpreter timings, no graphs
+    gpu = [v.name for v in bench.variants_for("cuda", "nonsat", with_compile=False)]
+    assert {"reference", "reference+amp", "reference+graphs", "reference+amp+graphs"} <= set(gpu)
+    assert "compile" not in gpu
+    assert bench.kernel_backends("cpu")[0] == "reference"
+
+
+def test_quick_cpu_run_prints_the_table_and_saves_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--quick", "--res", "4,8", "--batch", "4", "--steps", "1", "--warmup", "0",
+                       "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ms/step" in printed and "reference+amp" in printed
+    record = json.loads(out.read_text())
+    rows = {(r["res"], r["variant"]): r for r in record["results"]}
+    assert set(rows) >= {(4, "reference"), (4, "reference+amp"), (8, "reference"), (8, "reference+amp")}
+    for (res, name), r in rows.items():
+        assert r["note"] == "", (res, name, r["note"])
+        assert r["img_per_s"] > 0 and r["ms_per_step"] > 0
+        assert r["img_per_s"] == pytest.approx(4 * 1000 / r["ms_per_step"], rel=0.02)
+    assert rows[(4, "reference")]["vs_reference"] == 1.0
+    amp = rows[(8, "reference+amp")]
+    assert amp["vs_reference"] == pytest.approx(amp["img_per_s"] / rows[(8, "reference")]["img_per_s"], rel=0.01)
+
+
+def test_a_failing_configuration_is_reported_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
+    real = bench.time_variant
+
+    def flaky(variant, *args):
+        if variant.amp:
+            raise RuntimeError("out of memory\nlong details")
+        return real(variant, *args)
+
+    monkeypatch.setattr(bench, "time_variant", flaky)
+    assert bench.main(["--device", "cpu", "--res", "4", "--batch", "4", "--steps", "1", "--warmup", "0",
+                       "--no-compile", "--json", str(tmp_path / "b.json")]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
+    assert rows["reference+amp"]["note"] == "failed: RuntimeError: out of memory"
+    assert rows["reference+amp"]["img_per_s"] is None and rows["reference"]["img_per_s"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--res", "5"], "powers of two"),
+    (["--res", "a"], "comma-separated"),
+    (["--batch", "1"], "at least 2"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_arguments_are_one_clear_error(args, message, capsys):
+    assert bench.main(["--device", "cpu"] + args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("progan_fast.bench: error:") and message in err[0]
