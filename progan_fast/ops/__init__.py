@@ -1,8 +1,10 @@
 """The ProGAN ops. Every model op goes through these functions so kernel backends slot in.
 
-One op family = one file: its eager ``reference``, (later) its Triton kernels and native
-dispatch, and the public function that picks a backend. ``backend=None`` uses the process-wide
-default, set once by the trainer's ``--backend`` via :func:`set_default_backend`.
+One op family = one file: its eager ``reference``, its Triton kernels and ``torch.library``
+registration, and the public function. Every public function goes through
+:func:`._backend.dispatch`, which picks the backend (``backend=None`` uses the process-wide
+default, set once by the trainer's ``--backend`` via :func:`set_default_backend`), opens the op's
+NVTX range (``--nvtx``) and applies the autocast policy of :mod:`._amp` (``--amp``).
 """
 
 from . import conv_act, fade_in as _fade_in_module, minibatch_stddev as _mbstd_module, pixel_norm as _pixel_norm_module

@@ -5,7 +5,8 @@ arrived, and the eager references would be cast op by op with autocast's own pol
 ``rsqrt``, ``pow`` and friends in float32 and so silently turns bf16 activations back into float32
 halfway through a layer. Neither halves the bytes moved, which is what ``--amp`` is for.
 
-So every public op applies one policy itself, the same for all backends:
+So every public op applies one policy itself, the same for all backends (through
+:func:`progan_fast.ops._backend.dispatch`, the one place every op call passes):
 
 - when autocast is on for the device of the op's first tensor, every float16/bfloat16/float32
   tensor argument with at least one dimension is cast to the autocast dtype; 0-dim tensors (the
