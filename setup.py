@@ -32,14 +32,19 @@ def _say(message: str) -> None:
 
 
 def _find_nvcc_home() -> str | None:
-    """CUDA_HOME if set, else the toolkit of the nvcc on PATH, else the newest /usr/local/cuda-*."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
+    """The first complete CUDA toolkit (bin/nvcc and include/crt/host_config.h) among CUDA_HOME, the
+    nvcc on PATH, /usr/local/cuda and the newest /usr/local/cuda-*. (torch's own detection can settle
+    on a directory whose nvcc is a wrapper without the toolkit's headers.)"""
+    candidates = [os.environ.get("CUDA_HOME")]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    homes = sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"))
-    return os.path.dirname(os.path.dirname(homes[-1])) if homes else None
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "crt", "host_config.h")):
+            return os.path.realpath(home)
+    return None
 
 
 def _want_cuda(torch) -> tuple[bool, str]:
@@ -49,8 +54,8 @@ def _want_cuda(torch) -> tuple[bool, str]:
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU build"
     home = _find_nvcc_home()
-    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return False, "no nvcc found (set CUDA_HOME)"
+    if home is None:
+        return False, "no CUDA toolkit with nvcc found (set CUDA_HOME)"
     if wanted != "1" and not torch.cuda.is_available():
         return False, "no GPU visible (PROGAN_FAST_CUDA=1 builds the CUDA kernels anyway)"
     os.environ["CUDA_HOME"] = home  # before cpp_extension is imported: it reads CUDA_HOME once
@@ -58,8 +63,9 @@ def _want_cuda(torch) -> tuple[bool, str]:
 
 
 def _cuda_wheel_includes() -> list[str]:
-    """CUDA pip wheels (torch >= 2.9's nvidia-*-cu13) keep headers torch's own headers need (CCCL,
-    cuBLAS) under site-packages/nvidia/cu*/include; cpp_extension does not add them."""
+    """CUDA pip wheels (torch >= 2.9's nvidia-*-cu13) keep headers torch's own headers may need (CCCL,
+    cuBLAS) under site-packages/nvidia/cu*/include; cpp_extension does not add them. They go last
+    (-idirafter, C++ only): the toolkit's own headers must win."""
     import importlib.util
 
     spec = importlib.util.find_spec("nvidia")
@@ -81,15 +87,15 @@ def _extensions():
 
     cpu_sources = sorted(glob.glob(f"{KERNELS}/cpu/*.cpp")) + [f"{KERNELS}/bindings/ops.cpp"]
     include_dirs = [os.path.join(ROOT, KERNELS, "include")]
-    cxx = ["-O3", "-std=c++17", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-Wall", "-Wno-unused-function"]  # the C++ standard is torch's (C++20 from 2.14)
     if with_cuda:
         sources = cpu_sources + [f"{KERNELS}/bindings/cuda_ops.cpp"] + sorted(glob.glob(f"{KERNELS}/cuda/*.cu"))
         archs = os.environ.get("PROGAN_FAST_CUDA_ARCHS", "80;90").split(";")
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + [
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + [
             f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         ext = cpp_extension.CUDAExtension(
-            "progan_fast._C", sources, include_dirs=include_dirs + _cuda_wheel_includes(),
-            define_macros=[("PROGAN_WITH_CUDA", "1")], extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            "progan_fast._C", sources, include_dirs=include_dirs, define_macros=[("PROGAN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx + [f"-idirafter{d}" for d in _cuda_wheel_includes()], "nvcc": nvcc})
         _say(f"building progan_fast._C WITH CUDA kernels (sm_{', sm_'.join(archs)}; {why})")
     else:
         ext = cpp_extension.CppExtension("progan_fast._C", cpu_sources, include_dirs=include_dirs,
