@@ -2,9 +2,109 @@
 
 Version ranges here say what the code supports; ``constraints.txt`` pins the exact set that is
 tested (the one place where versions are pinned).
+
+The native library ``progan_fast._C`` (sources in ``kernels/``) is built with torch's
+cpp_extension against the torch that is installed, so install torch first and build without
+isolation (README: ``pip install --no-build-isolation``): an isolated build would compile against
+a second, possibly different torch and the library would not load. Which variant is built:
+
+- CUDA kernels + CPU twins when torch is a CUDA build, nvcc is found and CUDA is wanted:
+  ``PROGAN_FAST_CUDA=1`` forces it, ``PROGAN_FAST_CUDA=0`` forbids it, unset means "when a GPU is
+  visible" (so a plain install on a machine without a GPU stays quick);
+- the CPU twins only, otherwise;
+- nothing when torch is not importable at build time (the native backends then report themselves
+  unavailable, with the reason). One line on stderr says which.
 """
 
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+KERNELS = "kernels"
+
+
+def _say(message: str) -> None:
+    print(f"progan_fast: {message}", file=sys.stderr, flush=True)
+
+
+def _find_nvcc_home() -> str | None:
+    """The first complete CUDA toolkit (bin/nvcc and include/crt/host_config.h) among CUDA_HOME, the
+    nvcc on PATH, /usr/local/cuda and the newest /usr/local/cuda-*. (torch's own detection can settle
+    on a directory whose nvcc is a wrapper without the toolkit's headers.)"""
+    candidates = [os.environ.get("CUDA_HOME")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "crt", "host_config.h")):
+            return os.path.realpath(home)
+    return None
+
+
+def _want_cuda(torch) -> tuple[bool, str]:
+    wanted = os.environ.get("PROGAN_FAST_CUDA", "").strip()
+    if wanted == "0":
+        return False, "PROGAN_FAST_CUDA=0"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU build"
+    home = _find_nvcc_home()
+    if home is None:
+        return False, "no CUDA toolkit with nvcc found (set CUDA_HOME)"
+    if wanted != "1" and not torch.cuda.is_available():
+        return False, "no GPU visible (PROGAN_FAST_CUDA=1 builds the CUDA kernels anyway)"
+    os.environ["CUDA_HOME"] = home  # before cpp_extension is imported: it reads CUDA_HOME once
+    return True, f"torch {torch.__version__}, nvcc in {home}"
+
+
+def _cuda_wheel_includes() -> list[str]:
+    """CUDA pip wheels (torch >= 2.9's nvidia-*-cu13) keep headers torch's own headers may need (CCCL,
+    cuBLAS) under site-packages/nvidia/cu*/include; cpp_extension does not add them. They go last
+    (-idirafter, C++ only): the toolkit's own headers must win."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    return dirs
+
+
+def _extensions():
+    try:
+        import torch
+    except ImportError:
+        _say("building WITHOUT the native library: torch is not importable at build time "
+             "(install torch first, then pip install --no-build-isolation)")
+        return [], {}
+    with_cuda, why = _want_cuda(torch)
+    from torch.utils import cpp_extension  # after _want_cuda: it reads CUDA_HOME when imported
+
+    cpu_sources = sorted(glob.glob(f"{KERNELS}/cpu/*.cpp")) + [f"{KERNELS}/bindings/ops.cpp"]
+    include_dirs = [os.path.join(ROOT, KERNELS, "include")]
+    cxx = ["-O3", "-Wall", "-Wno-unused-function"]  # the C++ standard is torch's (C++20 from 2.14)
+    if with_cuda:
+        sources = cpu_sources + [f"{KERNELS}/bindings/cuda_ops.cpp"] + sorted(glob.glob(f"{KERNELS}/cuda/*.cu"))
+        archs = os.environ.get("PROGAN_FAST_CUDA_ARCHS", "80;90").split(";")
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + [
+            f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        ext = cpp_extension.CUDAExtension(
+            "progan_fast._C", sources, include_dirs=include_dirs, define_macros=[("PROGAN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx + [f"-idirafter{d}" for d in _cuda_wheel_includes()], "nvcc": nvcc})
+        _say(f"building progan_fast._C WITH CUDA kernels (sm_{', sm_'.join(archs)}; {why})")
+    else:
+        ext = cpp_extension.CppExtension("progan_fast._C", cpu_sources, include_dirs=include_dirs,
+                                         extra_compile_args={"cxx": cxx})
+        _say(f"building progan_fast._C with CPU kernels only ({why})")
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="progan_fast",
@@ -15,6 +115,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["progan_fast", "progan_fast.*"]),
     package_data={"progan_fast": ["assets/*"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.11,<2.15",  # the GPU reference machine has 2.11; 2.14.1 is the newest tested
         "numpy>=1.24",

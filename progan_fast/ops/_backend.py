@@ -4,8 +4,8 @@ Each op module keeps a table ``{backend name: implementation}``. Its public func
 ``backend=None`` and asks :func:`resolve` for the implementation: an explicit name wins, otherwise
 the process-wide default set by :func:`set_default_backend` (the trainer's ``--backend`` switch).
 
-Only the eager ``reference`` backend exists today; ``triton``, ``cuda`` and ``cpu`` register
-themselves in their op files when their issues land. Asking for a backend that an op does not
+``reference`` always exists; ``triton`` registers itself where Triton can run, ``cpu`` (C++ twins)
+and ``cuda`` (CUDA kernels) where the native library ``progan_fast._C`` loaded (see ``_native.py``). Asking for a backend that an op does not
 have is an error that names the op, the backend and what is available, never a silent fallback:
 a benchmark that silently measured the reference would lie.
 """
@@ -80,6 +80,10 @@ def _why_unavailable(name: str) -> str:
         from . import _triton
 
         return _triton.why_unavailable()
+    if name in ("cpu", "cuda"):
+        from . import _native
+
+        return _native.why_unavailable(name)
     return "not built yet"
 
 

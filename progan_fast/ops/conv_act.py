@@ -60,7 +60,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _triton
+import functools
+from types import SimpleNamespace
+
+from . import _backend, _native, _triton
 from ._triton import tl, triton
 from .fade_in import upsample2x_reference
 from .pixel_norm import _pixel_norm_op
@@ -399,7 +402,7 @@ def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
 
 
 @_conv_op.register_fake
-def _(x, weight, bias, scale, activation, upsample, pixel_norm):
+def _conv_op_fake(x, weight, bias, scale, activation, upsample, pixel_norm):
     n, _, h, w = x.shape
     oh, ow = (2 * h, 2 * w) if upsample else (h, w)
     y = x.new_empty(n, weight.shape[0], oh, ow)
@@ -416,7 +419,7 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 
 @_conv_backward_op.register_fake
-def _(grad, x, weight, bias, y, r, scale, activation, upsample, pixel_norm):
+def _conv_backward_op_fake(grad, x, weight, bias, y, r, scale, activation, upsample, pixel_norm):
     db_dtype = bias.dtype if bias is not None else weight.dtype
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -431,12 +434,12 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _conv_autograd(ctx, grad_y, grad_r):
+def _conv_autograd(k, ctx, grad_y, grad_r):
     # grad_r is always None: r never reaches the caller, and the double backward sends no grad to it.
     x, weight, bias, y, r = ctx.saved_tensors
     if grad_y is None:
         return None, None, None, None, None, None, None
-    dx, dw, db = _conv_backward_op(grad_y, x, weight, bias, y, r, *ctx.opts)
+    dx, dw, db = k.conv2d_bias_lrelu_backward(grad_y, x, weight, bias, y, r, *ctx.opts)
     return dx, dw, (db if bias is not None else None), None, None, None, None
 
 
@@ -512,9 +515,16 @@ def _conv_backward_autograd(ctx, gdx, gdw, gdb):
     return g_grad, g_x, g_w, g_b, None, None, None, None, None, None
 
 
-_conv_op.register_autograd(_conv_autograd, setup_context=_setup)
-_conv_backward_op.register_autograd(_conv_backward_autograd, setup_context=_setup_bwd)
 
+
+
+def _register_autograd(k) -> None:
+    """First and second derivatives of one pair of ops (Triton's or the native library's)."""
+    torch.library.register_autograd(k.conv2d_bias_lrelu, functools.partial(_conv_autograd, k), setup_context=_setup)
+    torch.library.register_autograd(k.conv2d_bias_lrelu_backward, _conv_backward_autograd, setup_context=_setup_bwd)
+
+
+_register_autograd(SimpleNamespace(conv2d_bias_lrelu=_conv_op, conv2d_bias_lrelu_backward=_conv_backward_op))
 
 def triton_impl(
     x: torch.Tensor,
@@ -534,3 +544,51 @@ def triton_impl(
 
 if _triton.available():
     IMPLEMENTATIONS["triton"] = triton_impl
+
+
+
+# ----- native backend (progan_fast._C: ATen conv + our fused epilogue, CPU twin and CUDA kernel) ----
+#
+# ``progan_fast_native::conv2d_bias_lrelu`` -> ``(y, r)`` with the Triton op's signature and
+# autograd (the double backward above is written in ATen ops, so it serves both): a thin C++
+# composite that runs ATen's conv (oneDNN on the CPU, cuDNN on CUDA) with the *unscaled* weight,
+# then ``progan_fast_native::conv_epilogue``: one pass that applies scale, bias, leaky-ReLU and
+# (any Cout) pixel norm, saving r. Its backward is ``conv_epilogue_backward`` (g and the bias
+# gradient in one pass, deterministic partial sums) and ATen's convolution_backward with the weight
+# times scale. Our own implicit-GEMM conv is not used here: on the CPU oneDNN's conv is what the
+# reference runs too, and the epilogue is where the reference makes extra passes.
+
+if _native.available():
+    NATIVE = SimpleNamespace(conv2d_bias_lrelu=_native.ops.conv2d_bias_lrelu.default,
+                             conv2d_bias_lrelu_backward=_native.ops.conv2d_bias_lrelu_backward.default)
+
+    @torch.library.register_fake("progan_fast_native::conv_epilogue")
+    def _conv_epilogue_fake(conv, bias, scale, activation, pixel_norm):
+        n, _, h, w = conv.shape
+        r = conv.new_empty((n, 1, h, w) if pixel_norm else (0,), dtype=_acc_dtype(conv))
+        return torch.empty_like(conv, memory_format=torch.contiguous_format), r
+
+    @torch.library.register_fake("progan_fast_native::conv_epilogue_backward")
+    def _conv_epilogue_backward_fake(grad, y, r, activation, pixel_norm):
+        return torch.empty_like(y, memory_format=torch.contiguous_format), y.new_empty(y.shape[1],
+                                                                                         dtype=_acc_dtype(y))
+
+    torch.library.register_fake(NATIVE.conv2d_bias_lrelu, _conv_op_fake)
+    torch.library.register_fake(NATIVE.conv2d_bias_lrelu_backward, _conv_backward_op_fake)
+    _register_autograd(NATIVE)
+
+
+def native_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    activation: bool = True,
+    upsample: bool = False,
+    pixel_norm: bool = False,
+) -> torch.Tensor:
+    y, _ = NATIVE.conv2d_bias_lrelu(x, weight, bias, float(scale), activation, upsample, pixel_norm)
+    return y
+
+
+_native.register(IMPLEMENTATIONS, native_impl)

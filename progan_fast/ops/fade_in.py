@@ -57,7 +57,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _backend, _triton
+import functools
+from types import SimpleNamespace
+
+from . import _backend, _native, _triton
 from ._triton import tl, triton
 
 Alpha = float | torch.Tensor
@@ -318,7 +321,7 @@ def _fade_in_op(low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor) -> t
 
 
 @_fade_in_op.register_fake
-def _(low, high, alpha):
+def _fade_in_op_fake(low, high, alpha):
     return torch.empty_like(high, memory_format=torch.contiguous_format)
 
 
@@ -336,7 +339,7 @@ def _fade_in_backward_op(grad: torch.Tensor, alpha: torch.Tensor) -> tuple[torch
 
 
 @_fade_in_backward_op.register_fake
-def _(grad, alpha):
+def _fade_in_backward_op_fake(grad, alpha):
     n, c, h2, w2 = grad.shape
     return grad.new_empty(n, c, h2 // 2, w2 // 2), torch.empty_like(grad, memory_format=torch.contiguous_format)
 
@@ -346,14 +349,14 @@ def _fade_in_setup(ctx, inputs, output):
     ctx.save_for_backward(alpha, *((low, high) if ctx.needs_input_grad[2] else ()))
 
 
-def _fade_in_backward(ctx, grad):
+def _fade_in_backward(k, ctx, grad):
     alpha, *saved = ctx.saved_tensors
     d_low = d_high = d_alpha = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        d_low, d_high = _fade_in_backward_op(grad, alpha)
+        d_low, d_high = k.fade_in_backward(grad, alpha)
     if ctx.needs_input_grad[2]:
         low, high = saved
-        up = _fade_in_op(low, high, torch.zeros_like(alpha))  # alpha 0 is up2x(low) exactly
+        up = k.fade_in(low, high, torch.zeros_like(alpha))  # alpha 0 is up2x(low) exactly
         d_alpha = _dot(grad, high - up, alpha)
     return d_low, d_high, d_alpha
 
@@ -363,7 +366,7 @@ def _fade_in_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(alpha, *((grad,) if ctx.needs_input_grad[1] else ()))
 
 
-def _fade_in_backward_backward(ctx, gg_low, gg_high):
+def _fade_in_backward_backward(k, ctx, gg_low, gg_high):
     # (d_low, d_high) = ((1 - alpha) * blocksum(grad), alpha * grad) is linear in grad; its adjoint
     # maps (gg_low, gg_high) to (1 - alpha) * up2x(gg_low) + alpha * gg_high: fade_in itself.
     alpha, *saved = ctx.saved_tensors
@@ -375,15 +378,13 @@ def _fade_in_backward_backward(ctx, gg_low, gg_high):
         gg_high = gg_low.new_zeros(n, c, 2 * h, 2 * w)
     g_grad = g_alpha = None
     if ctx.needs_input_grad[0]:
-        g_grad = _fade_in_op(gg_low, gg_high, alpha)
+        g_grad = k.fade_in(gg_low, gg_high, alpha)
     if ctx.needs_input_grad[1]:
         (grad,) = saved
-        g_alpha = _dot(grad, gg_high - _fade_in_op(gg_low, gg_high, torch.zeros_like(alpha)), alpha)
+        g_alpha = _dot(grad, gg_high - k.fade_in(gg_low, gg_high, torch.zeros_like(alpha)), alpha)
     return g_grad, g_alpha
 
 
-_fade_in_op.register_autograd(_fade_in_backward, setup_context=_fade_in_setup)
-_fade_in_backward_op.register_autograd(_fade_in_backward_backward, setup_context=_fade_in_backward_setup)
 
 
 def fade_in_triton(low: torch.Tensor, high: torch.Tensor, alpha: Alpha) -> torch.Tensor:
@@ -407,7 +408,7 @@ def _blend_op(old: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor) -> torc
 
 
 @_blend_op.register_fake
-def _(old, new, alpha):
+def _blend_op_fake(old, new, alpha):
     return torch.empty_like(new, memory_format=torch.contiguous_format)
 
 
@@ -423,7 +424,7 @@ def _blend_backward_op(grad: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.T
 
 
 @_blend_backward_op.register_fake
-def _(grad, alpha):
+def _blend_backward_op_fake(grad, alpha):
     return (torch.empty_like(grad, memory_format=torch.contiguous_format),
             torch.empty_like(grad, memory_format=torch.contiguous_format))
 
@@ -433,11 +434,11 @@ def _blend_setup(ctx, inputs, output):
     ctx.save_for_backward(alpha, *((old, new) if ctx.needs_input_grad[2] else ()))
 
 
-def _blend_backward(ctx, grad):
+def _blend_backward(k, ctx, grad):
     alpha, *saved = ctx.saved_tensors
     d_old = d_new = d_alpha = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        d_old, d_new = _blend_backward_op(grad, alpha)
+        d_old, d_new = k.blend_backward(grad, alpha)
     if ctx.needs_input_grad[2]:
         old, new = saved
         d_alpha = _dot(grad, new - old, alpha)
@@ -449,20 +450,18 @@ def _blend_backward_setup(ctx, inputs, output):
     ctx.save_for_backward(alpha, *((grad,) if ctx.needs_input_grad[1] else ()))
 
 
-def _blend_backward_backward(ctx, gg_old, gg_new):
+def _blend_backward_backward(k, ctx, gg_old, gg_new):
     # The adjoint of grad -> ((1 - alpha) * grad, alpha * grad) is blend itself.
     alpha, *saved = ctx.saved_tensors
     if gg_old is None:
         gg_old = torch.zeros_like(gg_new)
     if gg_new is None:
         gg_new = torch.zeros_like(gg_old)
-    g_grad = _blend_op(gg_old, gg_new, alpha) if ctx.needs_input_grad[0] else None
+    g_grad = k.blend(gg_old, gg_new, alpha) if ctx.needs_input_grad[0] else None
     g_alpha = _dot(saved[0], gg_new - gg_old, alpha) if ctx.needs_input_grad[1] else None
     return g_grad, g_alpha
 
 
-_blend_op.register_autograd(_blend_backward, setup_context=_blend_setup)
-_blend_backward_op.register_autograd(_blend_backward_backward, setup_context=_blend_backward_setup)
 
 
 def blend_triton(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tensor:
@@ -487,7 +486,7 @@ def _downsample2x_op(x: torch.Tensor) -> torch.Tensor:
 
 
 @_downsample2x_op.register_fake
-def _(x):
+def _downsample2x_op_fake(x):
     n, c, h, w = x.shape
     return x.new_empty(n, c, h // 2, w // 2)
 
@@ -505,7 +504,7 @@ def _downsample2x_backward_op(grad: torch.Tensor, height: int, width: int) -> to
 
 
 @_downsample2x_backward_op.register_fake
-def _(grad, height, width):
+def _downsample2x_backward_op_fake(grad, height, width):
     return grad.new_empty(grad.shape[0], grad.shape[1], height, width)
 
 
@@ -514,17 +513,15 @@ def _downsample2x_setup(ctx, inputs, output):
     ctx.hw = (x.shape[2], x.shape[3])
 
 
-def _downsample2x_backward(ctx, grad):
-    return _downsample2x_backward_op(grad, *ctx.hw)
+def _downsample2x_backward(k, ctx, grad):
+    return k.downsample2x_backward(grad, *ctx.hw)
 
 
-def _downsample2x_backward_backward(ctx, gg):
+def _downsample2x_backward_backward(k, ctx, gg):
     # The backward is linear in grad and its adjoint is the forward: a 2x2 average pool again.
-    return _downsample2x_op(gg), None, None
+    return k.downsample2x(gg), None, None
 
 
-_downsample2x_op.register_autograd(_downsample2x_backward, setup_context=_downsample2x_setup)
-_downsample2x_backward_op.register_autograd(_downsample2x_backward_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def downsample2x_triton(x: torch.Tensor) -> torch.Tensor:
@@ -547,7 +544,7 @@ def _fade_reals_op(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 
 @_fade_reals_op.register_fake
-def _(x, alpha):
+def _fade_reals_op_fake(x, alpha):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -556,19 +553,18 @@ def _fade_reals_setup(ctx, inputs, output):
     ctx.save_for_backward(alpha, *((x,) if ctx.needs_input_grad[1] else ()))
 
 
-def _fade_reals_backward(ctx, grad):
+def _fade_reals_backward(k, ctx, grad):
     # y = (1 - alpha) * P x + alpha * x with P = up2x(down2x(.)), the block-averaging projection,
     # which is symmetric: the op is its own adjoint, so dx = fade_reals(grad) (and so on, any order).
     alpha, *saved = ctx.saved_tensors
-    d_x = _fade_reals_op(grad, alpha) if ctx.needs_input_grad[0] else None
+    d_x = k.fade_reals(grad, alpha) if ctx.needs_input_grad[0] else None
     d_alpha = None
     if ctx.needs_input_grad[1]:
         (x,) = saved
-        d_alpha = _dot(grad, x - _fade_reals_op(x, torch.zeros_like(alpha)), alpha)
+        d_alpha = _dot(grad, x - k.fade_reals(x, torch.zeros_like(alpha)), alpha)
     return d_x, d_alpha
 
 
-_fade_reals_op.register_autograd(_fade_reals_backward, setup_context=_fade_reals_setup)
 
 
 def fade_reals_triton(x: torch.Tensor, alpha: Alpha) -> torch.Tensor:
@@ -577,8 +573,68 @@ def fade_reals_triton(x: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     return _fade_reals_op(x, _triton.scalar_tensor(alpha, x))
 
 
+def _register_autograd(k) -> None:
+    """First and second derivatives of one set of ops (Triton's or the native library's): ``k`` has
+    ``fade_in``, ``fade_in_backward``, ``blend``, ``blend_backward``, ``downsample2x``,
+    ``downsample2x_backward`` and ``fade_reals``."""
+    reg = torch.library.register_autograd
+    reg(k.fade_in, functools.partial(_fade_in_backward, k), setup_context=_fade_in_setup)
+    reg(k.fade_in_backward, functools.partial(_fade_in_backward_backward, k), setup_context=_fade_in_backward_setup)
+    reg(k.blend, functools.partial(_blend_backward, k), setup_context=_blend_setup)
+    reg(k.blend_backward, functools.partial(_blend_backward_backward, k), setup_context=_blend_backward_setup)
+    reg(k.downsample2x, functools.partial(_downsample2x_backward, k), setup_context=_downsample2x_setup)
+    reg(k.downsample2x_backward, functools.partial(_downsample2x_backward_backward, k),
+        setup_context=lambda ctx, inputs, output: None)
+    reg(k.fade_reals, functools.partial(_fade_reals_backward, k), setup_context=_fade_reals_setup)
+
+
+_register_autograd(SimpleNamespace(
+    fade_in=_fade_in_op, fade_in_backward=_fade_in_backward_op, blend=_blend_op, blend_backward=_blend_backward_op,
+    downsample2x=_downsample2x_op, downsample2x_backward=_downsample2x_backward_op, fade_reals=_fade_reals_op))
+
 if _triton.available():
     FADE_IN_IMPLEMENTATIONS["triton"] = fade_in_triton
     BLEND_IMPLEMENTATIONS["triton"] = blend_triton
     DOWNSAMPLE_IMPLEMENTATIONS["triton"] = downsample2x_triton
     FADE_REALS_IMPLEMENTATIONS["triton"] = fade_reals_triton
+
+
+
+# ----- native backend (progan_fast._C: C++ CPU twins, CUDA kernels) ------------------------------
+#
+# ``progan_fast_native::`` ops with the Triton ops' signatures and algorithms (one pass each; alpha
+# a 0-dim tensor read in-kernel) in kernels/cuda/fade_in.cu and kernels/cpu/fade_in.cpp; autograd,
+# second order included, is the Triton ops' (each backward's adjoint is a forward op).
+
+_NATIVE_NAMES = ("fade_in", "fade_in_backward", "blend", "blend_backward", "downsample2x", "downsample2x_backward",
+                 "fade_reals")
+
+if _native.available():
+    NATIVE = SimpleNamespace(**{name: getattr(_native.ops, name).default for name in _NATIVE_NAMES})
+    for _name, _fake in zip(_NATIVE_NAMES, (_fade_in_op_fake, _fade_in_backward_op_fake, _blend_op_fake,
+                                            _blend_backward_op_fake, _downsample2x_op_fake,
+                                            _downsample2x_backward_op_fake, _fade_reals_op_fake)):
+        torch.library.register_fake(getattr(NATIVE, _name), _fake)
+    _register_autograd(NATIVE)
+
+
+def fade_in_native(low: torch.Tensor, high: torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    return NATIVE.fade_in(low, high, _triton.scalar_tensor(alpha, high))
+
+
+def blend_native(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    return NATIVE.blend(old, new, _triton.scalar_tensor(alpha, new))
+
+
+def downsample2x_native(x: torch.Tensor) -> torch.Tensor:
+    return NATIVE.downsample2x(x)
+
+
+def fade_reals_native(x: torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    return NATIVE.fade_reals(x, _triton.scalar_tensor(alpha, x))
+
+
+_native.register(FADE_IN_IMPLEMENTATIONS, fade_in_native)
+_native.register(BLEND_IMPLEMENTATIONS, blend_native)
+_native.register(DOWNSAMPLE_IMPLEMENTATIONS, downsample2x_native)
+_native.register(FADE_REALS_IMPLEMENTATIONS, fade_reals_native)

@@ -42,7 +42,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _triton
+import functools
+from types import SimpleNamespace
+
+from . import _backend, _native, _triton
 from ._triton import tl, triton
 
 
@@ -248,7 +251,7 @@ def _mbstd_op(x: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
 
 
 @_mbstd_op.register_fake
-def _(x, group_size, eps):
+def _mbstd_op_fake(x, group_size, eps):
     n, c, _, _, _ = _dims(x, group_size)
     return x.new_empty(n, c + 1, x.shape[2], x.shape[3])
 
@@ -279,7 +282,7 @@ def _mbstd_backward_op(grad: torch.Tensor, x: torch.Tensor, group_size: int, eps
 
 
 @_mbstd_backward_op.register_fake
-def _(grad, x, group_size, eps):
+def _mbstd_backward_op_fake(grad, x, group_size, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -289,9 +292,9 @@ def _setup(ctx, inputs, output):
     ctx.group_size, ctx.eps = group_size, eps
 
 
-def _backward(ctx, grad):
+def _backward(k, ctx, grad):
     (x,) = ctx.saved_tensors
-    return _mbstd_backward_op(grad, x, ctx.group_size, ctx.eps), None, None
+    return k.minibatch_stddev_backward(grad, x, ctx.group_size, ctx.eps), None, None
 
 
 def _setup_bwd(ctx, inputs, output):
@@ -314,13 +317,40 @@ def _backward_of_backward(ctx, ggrad_x):
     return g_grad, g_x, None, None
 
 
-_mbstd_op.register_autograd(_backward, setup_context=_setup)
-_mbstd_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_bwd)
 
 
 def triton_impl(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
     return _mbstd_op(x, group_size, eps)
 
 
+def _register_autograd(k) -> None:
+    """First and second derivatives of one set of ops (Triton's or the native library's)."""
+    torch.library.register_autograd(k.minibatch_stddev, functools.partial(_backward, k), setup_context=_setup)
+    torch.library.register_autograd(k.minibatch_stddev_backward, _backward_of_backward, setup_context=_setup_bwd)
+
+
+_register_autograd(SimpleNamespace(minibatch_stddev=_mbstd_op, minibatch_stddev_backward=_mbstd_backward_op))
+
 if _triton.available():
     IMPLEMENTATIONS["triton"] = triton_impl
+
+
+# ----- native backend (progan_fast._C: C++ CPU twin, CUDA kernels) -------------------------------
+#
+# ``progan_fast_native::minibatch_stddev`` / ``minibatch_stddev_backward``: the Triton algorithm
+# (deterministic per-256-feature partial sums, no atomics) in kernels/cuda/minibatch_stddev.cu and
+# its CPU twin kernels/cpu/minibatch_stddev.cpp; autograd (second order from the reference, as above).
+
+if _native.available():
+    NATIVE = SimpleNamespace(minibatch_stddev=_native.ops.minibatch_stddev.default,
+                             minibatch_stddev_backward=_native.ops.minibatch_stddev_backward.default)
+    torch.library.register_fake(NATIVE.minibatch_stddev, _mbstd_op_fake)
+    torch.library.register_fake(NATIVE.minibatch_stddev_backward, _mbstd_backward_op_fake)
+    _register_autograd(NATIVE)
+
+
+def native_impl(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
+    return NATIVE.minibatch_stddev(x, group_size, eps)
+
+
+_native.register(IMPLEMENTATIONS, native_impl)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _triton
+import functools
+from types import SimpleNamespace
+
+from . import _backend, _native, _triton
 from ._triton import tl, triton
 
 
@@ -129,7 +132,7 @@ def _pixel_norm_op(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @_pixel_norm_op.register_fake
-def _(x, eps):
+def _pixel_norm_op_fake(x, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -146,7 +149,7 @@ def _pixel_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: float) -> 
 
 
 @_pixel_norm_backward_op.register_fake
-def _(grad, x, eps):
+def _pixel_norm_backward_op_fake(grad, x, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -156,9 +159,9 @@ def _setup(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _backward(ctx, grad):
+def _backward(k, ctx, grad):
     (x,) = ctx.saved_tensors
-    return _pixel_norm_backward_op(grad, x, ctx.eps), None
+    return k.pixel_norm_backward(grad, x, ctx.eps), None
 
 
 def _setup_bwd(ctx, inputs, output):
@@ -177,13 +180,40 @@ def _backward_of_backward(ctx, ggrad_x):
     return g_grad, g_x, None
 
 
-_pixel_norm_op.register_autograd(_backward, setup_context=_setup)
-_pixel_norm_backward_op.register_autograd(_backward_of_backward, setup_context=_setup_bwd)
 
 
 def triton_impl(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return _pixel_norm_op(x, eps)
 
 
+def _register_autograd(k) -> None:
+    """First and second derivatives of one set of ops (Triton's or the native library's)."""
+    torch.library.register_autograd(k.pixel_norm, functools.partial(_backward, k), setup_context=_setup)
+    torch.library.register_autograd(k.pixel_norm_backward, _backward_of_backward, setup_context=_setup_bwd)
+
+
+_register_autograd(SimpleNamespace(pixel_norm=_pixel_norm_op, pixel_norm_backward=_pixel_norm_backward_op))
+
 if _triton.available():
     IMPLEMENTATIONS["triton"] = triton_impl
+
+
+# ----- native backend (progan_fast._C: C++ CPU twin, CUDA kernel) --------------------------------
+#
+# ``progan_fast_native::pixel_norm`` / ``pixel_norm_backward``: the Triton kernels' algorithm (per
+# pixel, two walks over the channels) in kernels/cuda/pixel_norm.cu and its CPU twin
+# kernels/cpu/pixel_norm.cpp; autograd and fake tensors as for the Triton ops above.
+
+if _native.available():
+    NATIVE = SimpleNamespace(pixel_norm=_native.ops.pixel_norm.default,
+                             pixel_norm_backward=_native.ops.pixel_norm_backward.default)
+    torch.library.register_fake(NATIVE.pixel_norm, _pixel_norm_op_fake)
+    torch.library.register_fake(NATIVE.pixel_norm_backward, _pixel_norm_backward_op_fake)
+    _register_autograd(NATIVE)
+
+
+def native_impl(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return NATIVE.pixel_norm(x, eps)
+
+
+_native.register(IMPLEMENTATIONS, native_impl)

@@ -1,0 +1,119 @@
+// The equalized-LR conv's epilogue on the conv output (cuDNN's conv with the unscaled weight):
+// y = lrelu(conv * scale + bias) [then pixel norm], and its backward with the bias gradient.
+//
+// Without pixel norm the forward is elementwise (a grid-stride loop, channel = (i / P) % C).
+// With pixel norm, and in the backward, one thread owns a pixel (n, p) and walks its C channels:
+// consecutive threads take consecutive pixels, so every load is coalesced. The backward's bias
+// gradient is reduced per block and channel into bias_part[block, c] (no atomics: deterministic);
+// the glue sums the few rows.
+#include "common.cuh"
+
+namespace progan::cuda {
+namespace {
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) epilogue_pointwise_kernel(const T* __restrict__ conv, T* __restrict__ y,
+                                                                      const T* __restrict__ bias, int64_t numel,
+                                                                      int64_t c, int64_t p, acc_t<T> scale,
+                                                                      bool activation) {
+  using A = acc_t<T>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
+    A v = fma_(to_acc(conv[i]), scale, bias ? to_acc(bias[(i / p) % c]) : A(0));
+    y[i] = from_acc<T>(activation ? lrelu(v) : v);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) epilogue_pixel_norm_kernel(const T* __restrict__ conv, T* __restrict__ y,
+                                                                       const T* __restrict__ bias,
+                                                                       acc_t<T>* __restrict__ r, int64_t n, int64_t c,
+                                                                       int64_t p, acc_t<T> scale, bool activation) {
+  using A = acc_t<T>;
+  const A inv_c = A(1) / A(c);
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < n * p; q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t base = (q / p) * c * p + q % p;
+    A sum = A(0);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      A v = fma_(to_acc(conv[base + ch * p]), scale, bias ? to_acc(bias[ch]) : A(0));
+      if (activation) v = lrelu(v);
+      sum += v * v;
+    }
+    const A rs = rsqrt_(sum * inv_c + A(kPixelNormEps));
+    r[q] = rs;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      A v = fma_(to_acc(conv[base + ch * p]), scale, bias ? to_acc(bias[ch]) : A(0));
+      if (activation) v = lrelu(v);
+      y[base + ch * p] = from_acc<T>(v * rs);
+    }
+  }
+}
+
+// One thread per pixel q of the flattened (n, p) range; block b covers pixels [b * kThreads, ...).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) epilogue_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                                                                const acc_t<T>* __restrict__ r, T* __restrict__ g,
+                                                                acc_t<T>* __restrict__ bias_part, int64_t n, int64_t c,
+                                                                int64_t p, bool activation, bool pixel_norm) {
+  using A = acc_t<T>;
+  __shared__ A scratch[32];
+  const int64_t q = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const bool valid = q < n * p;
+  const int64_t base = valid ? (q / p) * c * p + q % p : 0;
+  A rs = A(0), mean_dy_y = A(0);
+  if (valid && pixel_norm) {
+    A s = A(0);
+    for (int64_t ch = 0; ch < c; ++ch) s += to_acc(dy[base + ch * p]) * to_acc(y[base + ch * p]);
+    rs = r[q];
+    mean_dy_y = s / A(c);
+  }
+  for (int64_t ch = 0; ch < c; ++ch) {
+    A v = A(0);
+    if (valid) {
+      const int64_t i = base + ch * p;
+      v = to_acc(dy[i]);
+      if (activation || pixel_norm) {
+        const A yv = to_acc(y[i]);
+        if (pixel_norm) v = pixel_norm_grad(v, yv, rs, mean_dy_y);
+        if (activation) v = lrelu_grad(v, yv);
+        g[i] = from_acc<T>(v);
+      }
+    }
+    const A total = block_sum(v, scratch);  // every thread reaches this: `valid` only masks values
+    if (threadIdx.x == 0) bias_part[blockIdx.x * c + ch] = total;
+  }
+}
+}  // namespace
+
+int64_t conv_epilogue_num_blocks(int64_t n, int64_t p) { return ceil_div(n * p, kThreads); }
+
+cudaError_t conv_epilogue_forward(DType dt, const void* conv, void* y, const void* bias, void* r, int64_t n,
+                                  int64_t c, int64_t p, double scale, bool activation, bool pixel_norm,
+                                  cudaStream_t stream) {
+  return PROGAN_CUDA_DISPATCH(dt, [&] {
+    using A = acc_t<scalar_t>;
+    const auto* in = static_cast<const scalar_t*>(conv);
+    auto* out = static_cast<scalar_t*>(y);
+    const auto* b = static_cast<const scalar_t*>(bias);
+    if (pixel_norm) {
+      epilogue_pixel_norm_kernel<scalar_t><<<grid_for(n * p, kThreads), kThreads, 0, stream>>>(
+          in, out, b, static_cast<A*>(r), n, c, p, A(scale), activation);
+    } else {
+      epilogue_pointwise_kernel<scalar_t><<<grid_for(n * c * p, kThreads), kThreads, 0, stream>>>(
+          in, out, b, n * c * p, c, p, A(scale), activation);
+    }
+  });
+}
+
+cudaError_t conv_epilogue_backward(DType dt, const void* dy, const void* y, const void* r, void* g, void* bias_part,
+                                   int64_t n, int64_t c, int64_t p, bool activation, bool pixel_norm,
+                                   cudaStream_t stream) {
+  return PROGAN_CUDA_DISPATCH(dt, [&] {
+    using A = acc_t<scalar_t>;
+    epilogue_bwd_kernel<scalar_t><<<static_cast<unsigned>(conv_epilogue_num_blocks(n, p)), kThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(y), static_cast<const A*>(r),
+        static_cast<scalar_t*>(g), static_cast<A*>(bias_part), n, c, p, activation, pixel_norm);
+  });
+}
+
+}  // namespace progan::cuda
