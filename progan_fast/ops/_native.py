@@ -8,7 +8,7 @@ tensors for the native ops next to the Triton ones, sharing their formulas.
 A missing or broken library is not an error: the native backends are then unavailable, and
 :func:`why_unavailable` says why (as :func:`progan_fast.ops._triton.why_unavailable` does).
 
-    python -m progan_fast.ops._native     # prints what was built and whether it loads
+    python -m progan_fast.ops.native_status   # prints what was built and whether it loads
 """
 
 from __future__ import annotations
@@ -58,10 +58,9 @@ def register(implementations: dict, impl) -> None:
         implementations["cuda"] = impl
 
 
-if __name__ == "__main__":
+def describe() -> str:
+    """One line: where the library was loaded from and which kernels it holds, or why it did not load."""
     if _C is None:
-        print(why_unavailable())
-    else:
-        print(f"progan_fast._C loaded from {_C.__file__}: CPU twins"
-              + (" + CUDA kernels" if _C.WITH_CUDA else " only (no CUDA kernels)")
-              + f"; CUDA device visible: {torch.cuda.is_available()}")
+        return why_unavailable()
+    kernels = "CPU twins + CUDA kernels" if _C.WITH_CUDA else "CPU twins only (built without CUDA kernels)"
+    return f"progan_fast._C loaded from {_C.__file__}: {kernels}; CUDA device visible: {torch.cuda.is_available()}"
