@@ -241,6 +241,7 @@ def swd_for_generator(G, reals_uint8: torch.Tensor, res: int, alpha: float | Non
 
     The hook for logging during training: every call with the same arguments gives the same
     numbers. It leaves torch's global RNG untouched, so calling it does not change training.
+    ``reals_uint8`` must not be modified in place between calls (the dataset's levels never are).
     """
     if int(reals_uint8.shape[-1]) != res:
         raise ValueError(f"reals are {reals_uint8.shape[-1]}px, asked for {res}px")
@@ -250,7 +251,16 @@ def swd_for_generator(G, reals_uint8: torch.Tensor, res: int, alpha: float | Non
         fakes = generate_uint8(G, n, res, alpha, seed=seed + 10)
     finally:
         G.train(was_training)
-    return swd(pick_reals(reals_uint8, n, seed + 11), fakes, seed=seed)
+    # The real side depends only on (reals, n, seed): keep the last one, so calling this every few
+    # kimg at one resolution pays for the reals' descriptors once (about half the cost).
+    key = (reals_uint8.data_ptr(), tuple(reals_uint8.shape), reals_uint8.device, n, seed)
+    if _LAST_REFERENCE.get("key") != key:
+        _LAST_REFERENCE.clear()
+        _LAST_REFERENCE.update(key=key, swd=SWD(pick_reals(reals_uint8, n, seed + 11), seed=seed))
+    return _LAST_REFERENCE["swd"].distance(fakes)
+
+
+_LAST_REFERENCE: dict = {}
 
 
 # --------------------------------------------------------------------------- FID and KID
