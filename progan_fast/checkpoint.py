@@ -98,6 +98,11 @@ def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint; any problem becomes one :class:`CheckpointError` naming the file."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; anything else would get torch's weights_only advice
+        what = "an empty file" if not magic else "not a torch.save archive"
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a progan_fast checkpoint ({what})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for torn/foreign files; the message is what matters

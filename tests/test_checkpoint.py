@@ -49,6 +49,11 @@ def test_newer_format_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    for content, reason in ((b"", "an empty file"), (b"hello, not a checkpoint", "not a torch.save archive")):
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+        assert str(e.value) == f"checkpoint {path} is corrupt or not a progan_fast checkpoint ({reason})"
 
 
 def _config(**changes):
