@@ -215,7 +215,7 @@ def test_inception_features_on_tiny_images():
 
 @pytest.mark.slow
 def test_a_short_training_run_lowers_swd_against_the_data(tmp_path):
-    """A short run at 8px on the embedded data (3 phases of 1 kimg, narrow networks: about 30 s on
+    """A short run at 8px on the embedded data (3 phases of 1 kimg, narrow networks: about 10 s on
     two idle cores). Measured here: SWD 393 -> 168 (x1e3), a factor of 2.3; the bar is 1.6."""
     from progan_fast.trainer import RunOptions, TrainConfig, Trainer
 
