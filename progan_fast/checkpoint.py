@@ -63,10 +63,46 @@ def save_checkpoint(folder: Path, images: int, payload: dict, keep: int = 3) -> 
     return path
 
 
+_MISSING = object()
+
+
+def check_compatible(state: dict, expected_config: dict, ignore: tuple[str, ...] = (), path: Path | str | None = None) -> None:
+    """Refuse a checkpoint made with another configuration.
+
+    Compares ``state["config"]`` with ``expected_config`` key by key (keys in ``ignore`` are
+    skipped, e.g. ``("max_res",)`` when a run may grow) and raises one :class:`CheckpointError`
+    naming every differing key with both values, including keys that only one side has (a
+    checkpoint from a newer progan_fast with a setting this one does not know is refused, not
+    silently read with that setting dropped).
+    """
+    where = f"checkpoint {path}" if path is not None else "the checkpoint"
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where} holds no run configuration")
+    diffs = []
+    for key in sorted(set(saved) | set(expected_config), key=lambda k: (k not in expected_config, str(k))):
+        if key in ignore:
+            continue
+        a, b = saved.get(key, _MISSING), expected_config.get(key, _MISSING)
+        if a is _MISSING:
+            diffs.append(f"{key}: not in the checkpoint, {b!r} expected")
+        elif b is _MISSING:
+            diffs.append(f"{key}: {a!r} in the checkpoint, unknown to this progan_fast")
+        elif a != b:
+            diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} expected")
+    if diffs:
+        raise CheckpointError(f"{where} was made with a different configuration: " + "; ".join(diffs))
+
+
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint; any problem becomes one :class:`CheckpointError` naming the file."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive; anything else would get torch's weights_only advice
+        what = "an empty file" if not magic else "not a torch.save archive"
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a progan_fast checkpoint ({what})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for torn/foreign files; the message is what matters

@@ -45,7 +45,7 @@ MAX_SUPPORTED_RES = 1024
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # Bump when the decoding / pyramid pipeline changes, so old cache files are not reused.
-_CACHE_FORMAT = "progan_fast.data.cache/1"
+_CACHE_FORMAT = "progan_fast.data.cache/2"  # 2: decompression bombs counted apart in the summary
 _ASSET_PNG = "emoji_atlas.png"
 _ASSET_JSON = "emoji_atlas.json"
 _DEFAULT_TILE = 64
@@ -198,6 +198,7 @@ def load_default_dataset(max_res: int) -> ImageDataset:
 
 # --------------------------------------------------------------------------- image folders
 
+_HUGE = "too large to decode safely"  # summary wording for decompression bombs
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -225,7 +226,10 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
 
 def _decode_image(path: str, max_res: int):
     """Decode one file -> ("ok", uint8 [3, R, R], (w, h)) | ("small", None, (w, h)) |
-    ("unreadable", None, error message).  Never raises for bad files."""
+    ("huge", None, error message) | ("unreadable", None, error message).  Never raises for bad files.
+
+    "huge": more pixels than twice ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb, or a header
+    that claims such a size); Pillow refuses these from the header alone, before decoding."""
     try:
         with Image.open(path) as img:
             w0, h0 = img.size
@@ -246,6 +250,8 @@ def _decode_image(path: str, max_res: int):
             return "ok", np.ascontiguousarray(rgb.transpose(2, 0, 1)), (w, h)
     except MemoryError:
         raise
+    except Image.DecompressionBombError as e:
+        return "huge", None, str(e).splitlines()[0] if str(e) else type(e).__name__
     except Exception as e:  # unreadable: zero-byte, truncated, not an image, bomb, bad EXIF, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         return "unreadable", None, msg
@@ -380,6 +386,7 @@ def load_image_folder(
     count = 0
     unreadable = []  # (rel, message)
     small = []  # (rel, (w, h))
+    huge = []  # (rel, message): over Pillow's decompression-bomb limit
     workers = max(1, min(8, os.cpu_count() or 1))
     paths = [str(root / rel) for rel in rels]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -393,6 +400,8 @@ def load_image_folder(
                 count += 1
             elif status == "small":
                 small.append((rel, info))
+            elif status == "huge":
+                huge.append((rel, info))
             else:
                 unreadable.append((rel, info))
 
@@ -405,10 +414,12 @@ def load_image_folder(
                 f"--max-res {max_res} is too large for the data in {root_given}: "
                 f"the largest usable image is {bw}x{bh}{hint}"
             )
-        example = f" (e.g. {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+        bad = unreadable + huge
+        example = f" (e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""
+        too_big = f", {len(huge):,} {_HUGE}" if huge else ""
         raise DataError(
             f"no readable image in {root_given}: found {_plural(n_files, 'image file')}, "
-            f"{len(unreadable):,} unreadable{example}"
+            f"{len(unreadable):,} unreadable{too_big}{example}"
         )
 
     if count < n_files:
@@ -419,6 +430,8 @@ def load_image_folder(
     skipped = []
     if unreadable:
         skipped.append(f"{len(unreadable):,} unreadable")
+    if huge:
+        skipped.append(f"{len(huge):,} {_HUGE}")
     if small:
         skipped.append(f"{len(small):,} smaller than {max_res}px")
     summary = f"loaded {_plural(count, 'image')} from {root_given}"

@@ -118,18 +118,21 @@ def test_mode_conversions(tmp_path):
     assert pixel(ds, 6, 0, 0) == WHITE and pixel(ds, 6, 1, 1) == (200, 100, 50)
 
 
+@pytest.mark.parametrize("orientation, top, bottom", [(6, RED, BLUE), (8, BLUE, RED)])
 @pytest.mark.parametrize("size", [(32, 16), (256, 128)])  # small, and large enough for JPEG draft
-def test_exif_rotated_jpeg(tmp_path, size):
+def test_exif_rotated_jpeg(tmp_path, size, orientation, top, bottom):
     w, h = size
     img = Image.new("RGB", (w, h), BLUE)
     img.paste(RED, (0, 0, w // 2, h))  # stored: left half red, right half blue
     exif = Image.Exif()
-    exif[0x0112] = 6  # display = rotate 90 degrees clockwise -> red on top
+    # 6: display = rotate 90 degrees clockwise -> the left (red) half ends on top;
+    # 8: rotate 90 degrees counter-clockwise -> the left half ends at the bottom.
+    exif[0x0112] = orientation
     save(tmp_path / "rot.jpg", img, exif=exif.tobytes(), quality=95)
     ds = load(tmp_path, max_res=16)
     assert len(ds) == 1
-    assert close(pixel(ds, 0, 2, 8), RED, 40)  # top rows
-    assert close(pixel(ds, 0, 13, 8), BLUE, 40)  # bottom rows
+    assert close(pixel(ds, 0, 2, 8), top, 40)  # top rows
+    assert close(pixel(ds, 0, 13, 8), bottom, 40)  # bottom rows
     # Without the transpose, left/right would differ instead of top/bottom:
     assert close(pixel(ds, 0, 2, 2), pixel(ds, 0, 2, 13), 40)
 
@@ -156,12 +159,67 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     assert close(pixel(ds, 1, 4, 4), GREEN, 6)
 
 
-def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
+def test_decompression_bomb_is_skipped_and_counted_apart(tmp_path, monkeypatch):
     save(tmp_path / "a.png", solid(RED))
     save(tmp_path / "b_big.png", solid(GREEN, size=(64, 64)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64*64 > 2 * 1000 -> DecompressionBombError
     ds = load(tmp_path)
-    assert len(ds) == 1 and "1 unreadable" in ds.summary
+    assert len(ds) == 1 and pixel(ds, 0) == RED
+    assert ds.summary == f"loaded 1 image from {tmp_path} (skipped: 1 too large to decode safely)"
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_png_whose_header_claims_huge_dimensions_is_skipped_without_decoding(tmp_path):
+    import struct
+    import zlib
+
+    # A valid PNG stream whose IHDR says 100,000 x 100,000 RGB (30 GB decoded), with default limits.
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + _png_chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    save(tmp_path / "ok.png", solid(BLUE))
+    ds = load(tmp_path)
+    assert len(ds) == 1 and pixel(ds, 0) == BLUE
+    assert ds.summary.endswith("(skipped: 1 too large to decode safely)")
+    # Alone, it is the reason nothing loads, and the error says so.
+    (tmp_path / "ok.png").unlink()
+    with pytest.raises(DataError, match="1 too large to decode safely .*bomb.png"):
+        load(tmp_path)
+
+
+def test_truncated_jpeg_is_skipped_and_counted(tmp_path):
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8))
+    full = save(tmp_path / "full.jpg", noise, quality=90).read_bytes()
+    (tmp_path / "full.jpg").unlink()
+    (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
+    save(tmp_path / "good.png", solid(RED))
+    ds = load(tmp_path)
+    assert len(ds) == 1 and ds.summary.endswith("(skipped: 1 unreadable)")
+
+
+def test_palette_with_partial_alpha_and_bilevel(tmp_path):
+    pal = solid(0, mode="P")
+    pal.putpalette([200, 0, 0, 0, 0, 200] + [0] * 762)
+    pal.paste(1, (0, 0, 4, 8))  # left half index 1 (blue), right half index 0 (red)
+    # tRNS with one alpha per palette entry: red fully opaque, blue half transparent.
+    save(tmp_path / "0_palette_alpha.png", pal, transparency=bytes([255, 128]))
+    bilevel = Image.new("1", (8, 8), 0)
+    bilevel.putpixel((0, 0), 1)
+    save(tmp_path / "1_bilevel.png", bilevel)
+    ds = load(tmp_path)
+    assert len(ds) == 2 and "skipped" not in ds.summary
+    assert pixel(ds, 0, 0, 6) == (200, 0, 0)
+    # blue 200 at alpha 128/255 over white: 255 * (1 - a) + c * a
+    a = 128 / 255
+    assert close(pixel(ds, 0, 0, 1), (round(255 * (1 - a)), round(255 * (1 - a)), round(200 * a + 255 * (1 - a))), 1)
+    assert pixel(ds, 1, 0, 0) == WHITE and pixel(ds, 1, 4, 4) == (0, 0, 0)
 
 
 def test_missing_folder(tmp_path):
