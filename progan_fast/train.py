@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("auto",) + ops.KNOWN_BACKENDS, default="reference",
                    help="kernel backend for every op: reference is plain PyTorch; triton runs our Triton kernels "
                         "(on a GPU; on the CPU only under TRITON_INTERPRET=1, which is for tests); cuda and cpu are the "
-                        "native extension (not built yet); auto picks triton on a GPU and the fastest CPU backend otherwise")
+                        "native extension (progan_fast._C: C++ CPU twins, CUDA kernels where built); auto picks triton on a GPU "
+                        "and reference on the CPU, which measured faster there for a whole step than the twins")
     r.add_argument("--amp", action="store_true",
                    help="mixed precision: forward passes under autocast (see --amp-dtype), activations stored in "
                         "that dtype with float32 accumulation; losses, the gradient penalty's norm, weights and "
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cuda-profiler-steps", metavar="START:STOP", default=None,
                     help="call cudaProfilerStart before step START and cudaProfilerStop after step STOP-1 (steps of "
                          "this invocation, from 0), for 'nsys profile --capture-range=cudaProfilerApi'")
+    r.add_argument("--swd-kimg", type=float, default=None,
+                   help="log the sliced Wasserstein distance (the ProGAN paper's metric) of the EMA generator "
+                        "against the data every this many kimg and at each phase end (off by default: about "
+                        "10 s a time on a CPU at 32px); 'python -m progan_fast.metrics RUN' scores a run afterwards")
+    r.add_argument("--swd-images", type=int, default=1024, help="images a side for --swd-kimg (the paper: 8192)")
     r.add_argument("--log-kimg", type=float, default=1.0, help="log losses and img/s every this many kimg")
     r.add_argument("--sample-kimg", type=float, default=10.0, help="write a sample grid every this many kimg (and at each phase end)")
     r.add_argument("--checkpoint-kimg", type=float, default=20.0, help="checkpoint every this many kimg (and at each phase end)")
@@ -173,12 +179,18 @@ def main(argv: list[str] | None = None) -> int:
             amp=args.amp_dtype if args.amp else None,
             cuda_graphs=args.cuda_graphs,
             nvtx=args.nvtx,
+            swd_kimg=args.swd_kimg,
+            swd_images=args.swd_images,
             profile_steps=args.profile,
             cuda_profiler_window=None if args.cuda_profiler_steps is None else cuda_window(args.cuda_profiler_steps),
         )
         for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
             if not getattr(options, name) > 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if options.swd_kimg is not None and not options.swd_kimg > 0:
+            raise UsageError("--swd-kimg must be positive")
+        if options.swd_images < 2:
+            raise UsageError(f"--swd-images must be at least 2, not {options.swd_images}")
         if options.keep_checkpoints < 1:
             raise UsageError("--keep-checkpoints must be at least 1")
         print(f"{PROG}: run folder {options.out}", file=sys.stderr)

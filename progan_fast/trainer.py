@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from . import data as datamod
 from . import ops, profiling
-from .checkpoint import CheckpointError, atomic_torch_save, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_torch_save, check_compatible, list_checkpoints, load_checkpoint,
+                         save_checkpoint)
 from .images import save_grid
 from .losses import LOSSES
 from .networks import NetworkConfig, load_grown_state_dict
@@ -108,6 +109,8 @@ class RunOptions:
     nvtx: bool = False
     profile_steps: int | None = None  # record this many steps with torch.profiler, then stop
     cuda_profiler_window: tuple[int, int] | None = None  # (start, stop) steps of this invocation
+    swd_kimg: float | None = None  # log SWD of the EMA generator against the data every this many kimg
+    swd_images: int = 1024
 
 
 #: Steps of an invocation that ``--profile`` lets pass before it records: allocation, Triton
@@ -274,6 +277,8 @@ class Trainer:
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {path} holds no valid run config ({e})") from None
         self._check_same_run(ckpt_config, f"checkpoint {path}")
+        # Also refuses settings this version does not know (from_dict above drops them silently).
+        check_compatible(state, self.config.to_dict(), ignore=("max_res",), path=path)
         self.log(f"resuming from {path}")
         state["_path"] = str(path)
         return state
@@ -409,6 +414,7 @@ class Trainer:
         next_log = _next_multiple(self.images_done(), opts.log_kimg)
         next_sample = _next_multiple(self.images_done(), opts.sample_kimg)
         next_ckpt = _next_multiple(self.images_done(), opts.checkpoint_kimg)
+        next_swd = _next_multiple(self.images_done(), opts.swd_kimg) if opts.swd_kimg else None
         level_res, device_images = None, None
         iteration, iteration_phase = None, None
         graphs = None
@@ -468,6 +474,9 @@ class Trainer:
             if images >= next_sample or end_of_phase:
                 self.save_samples(phase)
                 next_sample = _next_multiple(images, opts.sample_kimg)
+            if next_swd is not None and (images >= next_swd or end_of_phase):
+                self._log_swd(phase, alpha, log_file)
+                next_swd = _next_multiple(images, opts.swd_kimg)
             if end_of_phase:
                 self.phase_index, self.step = self.phase_index + 1, 0
             stopping = stop.requested or (stop_at is not None and images >= stop_at) or profiled
@@ -481,6 +490,20 @@ class Trainer:
         if cuda_window is not None:
             cuda_window.close()
         return self.phase_index >= len(self.phases)
+
+    def _log_swd(self, phase: Phase, alpha, log_file) -> None:
+        """SWD (the ProGAN paper's metric) of the EMA generator against the data at this resolution.
+        It leaves torch's global RNG alone, so a run that logs it trains exactly like one that does not."""
+        from . import metrics  # numpy-heavy; only imported by runs that ask for it
+
+        figures = metrics.swd_for_generator(self.state.G_ema, self.dataset.at(phase.res), phase.res, alpha,
+                                            n=self.options.swd_images, seed=self.config.seed)
+        record = {"kimg": round(self.images_done() / 1000, 3), "res": phase.res, "phase": phase.name, **figures}
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if self.writer is not None:
+            for k, v in figures.items():
+                self.writer.add_scalar(f"metrics/{k}", v, self.images_done())
 
     def _write_profile(self, prof) -> None:
         if self.device.type == "cuda":

@@ -180,10 +180,8 @@ def test_unknown_or_missing_backend_is_a_clear_error():
         ops.set_default_backend("nope")
     with pytest.raises(ops.BackendUnavailableError, match="pixel_norm: backend 'cuda' is not available"):
         ops.pixel_norm(torch.zeros(1, 2, 2, 2), backend="cuda")
-    # auto prefers the C++ twins on the CPU when progan_fast._C is built, else the reference
-    from progan_fast.ops import _native
-
-    assert ops.set_default_backend("auto") == ("cpu" if _native.available() else "reference")
+    # auto on the CPU is the reference, which the bench measured faster for a whole step than the twins
+    assert ops.set_default_backend("auto") == "reference"
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):

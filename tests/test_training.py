@@ -104,3 +104,30 @@ def test_run_folder_contents(tmp_path):
     assert (out / "samples" / "reals.png").is_file() and (out / "samples" / "latest.png").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list_checkpoints(out / "checkpoints")) <= 3
+
+
+def test_swd_logging_leaves_training_unchanged(tmp_path):
+    """--swd-kimg writes SWD records to log.jsonl and never touches the training RNG."""
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    assert train.main(TINY + ["--out", str(plain)]) == 0
+    assert train.main(TINY + ["--out", str(scored), "--swd-kimg", "0.05", "--swd-images", "32"]) == 0
+    records = [json.loads(line) for line in (scored / "log.jsonl").read_text().splitlines()]
+    swd = [r for r in records if "SWDx1e3_avg" in r]
+    assert {r["res"] for r in swd} == {4, 8} and len(swd) >= 3
+    assert all(r["SWDx1e3_avg"] > 0 for r in swd)
+    assert_same_training_state(final_state(plain), final_state(scored))
+
+
+def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--out", str(out), "--stop-after-kimg", "0.05"]) == 0
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    state = load_checkpoint(newest)
+    state["config"]["style_mixing"] = 0.9  # as if written by a later progan_fast
+    future = newest.with_name("ckpt-999999999999.pt")
+    torch.save(state, future)
+    before = future.read_bytes()
+    assert train.main(TINY + ["--out", str(out), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "style_mixing" in err and "unknown to this progan_fast" in err
+    assert future.read_bytes() == before
