@@ -87,7 +87,7 @@ std::tuple<Tensor, Tensor> conv_epilogue_cpu(const Tensor& conv_, const std::opt
   PROGAN_DISPATCH("conv_epilogue", conv, [&] {
     cpu::conv_epilogue_forward<scalar_t>(conv.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                                         pixel_norm ? r.mutable_data_ptr<cpu::acc_t<scalar_t>>() : nullptr, d.n, d.c,
+                                         pixel_norm ? r.mutable_data_ptr<progan::acc_t<scalar_t>>() : nullptr, d.n, d.c,
                                          d.p, scale, activation, pixel_norm);
   });
   return {y, r};
@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor> conv_epilogue_backward_cpu(const Tensor& grad_, const
   Tensor part = at::empty({tiles, d.c}, y.options().dtype(acc_type(y)));
   if (y.numel() == 0) return {g, part.zero_().sum(0)};
   PROGAN_DISPATCH("conv_epilogue_backward", y, [&] {
-    using A = cpu::acc_t<scalar_t>;
+    using A = progan::acc_t<scalar_t>;
     cpu::conv_epilogue_backward<scalar_t>(grad.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
                                           pixel_norm ? r.const_data_ptr<A>() : nullptr,
                                           store_g ? g.mutable_data_ptr<scalar_t>() : nullptr,
@@ -196,7 +196,7 @@ Tensor fade_in_cpu(const Tensor& low_, const Tensor& high_, const Tensor& alpha)
   PROGAN_DISPATCH("fade_in", high, [&] {
     cpu::fade_in_forward<scalar_t>(low.const_data_ptr<scalar_t>(), high.const_data_ptr<scalar_t>(),
                                    out.mutable_data_ptr<scalar_t>(), low.numel() / low.size(3), low.size(3),
-                                   cpu::acc_t<scalar_t>(read_alpha(alpha)));
+                                   progan::acc_t<scalar_t>(read_alpha(alpha)));
   });
   return out;
 }
@@ -213,7 +213,7 @@ std::tuple<Tensor, Tensor> fade_in_backward_cpu(const Tensor& grad_, const Tenso
   PROGAN_DISPATCH("fade_in_backward", grad, [&] {
     cpu::fade_in_backward<scalar_t>(grad.const_data_ptr<scalar_t>(), d_low.mutable_data_ptr<scalar_t>(),
                                     d_high.mutable_data_ptr<scalar_t>(), n * c * hl, wl,
-                                    cpu::acc_t<scalar_t>(read_alpha(alpha)));
+                                    progan::acc_t<scalar_t>(read_alpha(alpha)));
   });
   return {d_low, d_high};
 }
@@ -229,7 +229,7 @@ Tensor blend_cpu(const Tensor& old_, const Tensor& new_, const Tensor& alpha) {
   if (out.numel() == 0) return out;
   PROGAN_DISPATCH("blend", b, [&] {
     cpu::blend_forward<scalar_t>(a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
-                                 out.mutable_data_ptr<scalar_t>(), b.numel(), cpu::acc_t<scalar_t>(read_alpha(alpha)));
+                                 out.mutable_data_ptr<scalar_t>(), b.numel(), progan::acc_t<scalar_t>(read_alpha(alpha)));
   });
   return out;
 }
@@ -244,7 +244,7 @@ std::tuple<Tensor, Tensor> blend_backward_cpu(const Tensor& grad_, const Tensor&
   PROGAN_DISPATCH("blend_backward", grad, [&] {
     cpu::blend_backward<scalar_t>(grad.const_data_ptr<scalar_t>(), d_old.mutable_data_ptr<scalar_t>(),
                                   d_new.mutable_data_ptr<scalar_t>(), grad.numel(),
-                                  cpu::acc_t<scalar_t>(read_alpha(alpha)));
+                                  progan::acc_t<scalar_t>(read_alpha(alpha)));
   });
   return {d_old, d_new};
 }
@@ -288,7 +288,7 @@ Tensor fade_reals_cpu(const Tensor& x_, const Tensor& alpha) {
   if (out.numel() == 0) return out;
   PROGAN_DISPATCH("fade_reals", x, [&] {
     cpu::fade_reals<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                              x.numel() / x.size(3) / 2, x.size(3) / 2, cpu::acc_t<scalar_t>(read_alpha(alpha)));
+                              x.numel() / x.size(3) / 2, x.size(3) / 2, progan::acc_t<scalar_t>(read_alpha(alpha)));
   });
   return out;
 }

@@ -13,18 +13,11 @@
 
 #include <cstdint>
 
+#include "progan/math.h"
+
 namespace progan::cpu {
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
+// acc_t<T>, the accumulation type, comes from progan/math.h (shared with the CUDA kernels).
 
 // pixel_norm: y = x * rsqrt(mean_c(x^2) + eps); dx = r * (dy - y * mean_c(dy * y)).
 template <typename T>

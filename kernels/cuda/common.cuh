@@ -13,16 +13,7 @@
 
 namespace progan::cuda {
 
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename Acc<T>::type;
+// acc_t<T>, the accumulation type, comes from progan/math.h (shared with the CPU twins).
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }

@@ -16,6 +16,18 @@
 
 namespace progan {
 
+// The accumulation type of a storage type: float for fp32/bf16/fp16, double for float64.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
 // ProGAN's leaky-ReLU slope and the eps of pixel norm and minibatch stddev (official code).
 constexpr double kNegativeSlope = 0.2;
 constexpr double kPixelNormEps = 1e-8;
