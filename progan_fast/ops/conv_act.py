@@ -57,11 +57,11 @@ Backends:
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import functools
 from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
 
 from . import _backend, _native, _triton
 from ._triton import tl, triton
@@ -526,6 +526,7 @@ def _register_autograd(k) -> None:
 
 _register_autograd(SimpleNamespace(conv2d_bias_lrelu=_conv_op, conv2d_bias_lrelu_backward=_conv_backward_op))
 
+
 def triton_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -544,7 +545,6 @@ def triton_impl(
 
 if _triton.available():
     IMPLEMENTATIONS["triton"] = triton_impl
-
 
 
 # ----- native backend (progan_fast._C: ATen conv + our fused epilogue, CPU twin and CUDA kernel) ----

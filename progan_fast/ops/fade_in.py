@@ -385,8 +385,6 @@ def _fade_in_backward_backward(k, ctx, gg_low, gg_high):
     return g_grad, g_alpha
 
 
-
-
 def fade_in_triton(low: torch.Tensor, high: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     if low.dim() != 4 or high.shape != (*low.shape[:2], 2 * low.shape[2], 2 * low.shape[3]):
         raise ValueError(f"fade_in: high {tuple(high.shape)} is not twice low {tuple(low.shape)}")
@@ -462,8 +460,6 @@ def _blend_backward_backward(k, ctx, gg_old, gg_new):
     return g_grad, g_alpha
 
 
-
-
 def blend_triton(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     if old.shape != new.shape:
         raise ValueError(f"blend: old {tuple(old.shape)} and new {tuple(new.shape)} differ in shape")
@@ -522,8 +518,6 @@ def _downsample2x_backward_backward(k, ctx, gg):
     return k.downsample2x(gg), None, None
 
 
-
-
 def downsample2x_triton(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"downsample2x: needs [N, C, H, W], got {tuple(x.shape)}")
@@ -565,8 +559,6 @@ def _fade_reals_backward(k, ctx, grad):
     return d_x, d_alpha
 
 
-
-
 def fade_reals_triton(x: torch.Tensor, alpha: Alpha) -> torch.Tensor:
     if x.dim() != 4 or x.shape[-2] % 2 or x.shape[-1] % 2:
         raise ValueError(f"fade_reals: needs [N, C, H, W] with even H and W, got {tuple(x.shape)}")
@@ -597,7 +589,6 @@ if _triton.available():
     BLEND_IMPLEMENTATIONS["triton"] = blend_triton
     DOWNSAMPLE_IMPLEMENTATIONS["triton"] = downsample2x_triton
     FADE_REALS_IMPLEMENTATIONS["triton"] = fade_reals_triton
-
 
 
 # ----- native backend (progan_fast._C: C++ CPU twins, CUDA kernels) ------------------------------

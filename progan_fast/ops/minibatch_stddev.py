@@ -317,8 +317,6 @@ def _backward_of_backward(ctx, ggrad_x):
     return g_grad, g_x, None, None
 
 
-
-
 def triton_impl(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.Tensor:
     return _mbstd_op(x, group_size, eps)
 

@@ -180,8 +180,6 @@ def _backward_of_backward(ctx, ggrad_x):
     return g_grad, g_x, None
 
 
-
-
 def triton_impl(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return _pixel_norm_op(x, eps)
 
