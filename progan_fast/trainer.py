@@ -326,7 +326,21 @@ class Trainer:
     def images_done(self) -> int:
         return images_before(self.phases, self.phase_index, self.step)
 
+    def _non_finite_networks(self) -> list[str]:
+        """Names of the networks holding a NaN or inf parameter (one device reduction, one sync)."""
+        nets = {"G": self.state.G, "D": self.state.D, "G_ema": self.state.G_ema}
+        finite = torch.stack([torch.stack([p.isfinite().all() for p in net.parameters()]).all()
+                              for net in nets.values()]).tolist()
+        return [name for name, ok in zip(nets, finite) if not ok]
+
     def checkpoint(self) -> Path:
+        """Write a checkpoint; refuses (TrainingDiverged) to write non-finite weights over good ones."""
+        bad = self._non_finite_networks()
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite weights in {', '.join(bad)} at {self.images_done() / 1000:.1f} kimg; not checkpointed. "
+                f"The last checkpoint in {self.ckpt_dir} is from before this. Try a lower --lr or --loss wgan-gp"
+            )
         s = self.state
         payload = {
             "config": self.config.to_dict(),

@@ -131,3 +131,24 @@ def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_refused(tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "style_mixing" in err and "unknown to this progan_fast" in err
     assert future.read_bytes() == before
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    from progan_fast.trainer import RunOptions, Trainer, TrainConfig, TrainingDiverged
+
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--out", str(out), "--stop-after-kimg", "0.05"]) == 0
+    saved = {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")}
+    config = TrainConfig.from_dict(final_state(out)["config"])
+    trainer = Trainer(config, RunOptions(out=out, resume="auto", progress=False, tensorboard=False), log=lambda m: None)
+    trainer.checkpoint()  # finite weights: written (over the same step's file)
+    good = {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")}
+    assert set(good) == set(saved)
+    with torch.no_grad():
+        next(trainer.state.D.parameters()).view(-1)[0] = float("nan")
+    trainer.step += 1  # a later step: it would get a new file name
+    with pytest.raises(TrainingDiverged, match="non-finite weights in D"):
+        trainer.checkpoint()
+    assert {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")} == good
+    assert all(torch.isfinite(t).all() for p in list_checkpoints(out / "checkpoints")
+               for t in load_checkpoint(p)["D"].values())
