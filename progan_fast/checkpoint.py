@@ -54,6 +54,18 @@ def atomic_torch_save(obj: object, path: Path) -> None:
         os.close(dir_fd)
 
 
+def remove_torn_writes(folder: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that never finished (a process killed in
+    the middle of :func:`atomic_torch_save`); returns them. Call it only while no other process
+    writes to ``folder`` (one trainer owns a run folder)."""
+    if not folder.is_dir():
+        return []
+    torn = [p for p in folder.iterdir() if p.name.startswith(".ckpt-") and ".pt.tmp-" in p.name]
+    for p in torn:
+        p.unlink(missing_ok=True)
+    return torn
+
+
 def save_checkpoint(folder: Path, images: int, payload: dict, keep: int = 3) -> Path:
     """Write ``payload`` as the checkpoint at ``images`` and delete all but the newest ``keep``."""
     path = folder / checkpoint_name(images)

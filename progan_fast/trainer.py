@@ -25,7 +25,7 @@ from tqdm import tqdm
 from . import data as datamod
 from . import ops, profiling
 from .checkpoint import (CheckpointError, atomic_torch_save, check_compatible, list_checkpoints, load_checkpoint,
-                         save_checkpoint)
+                         remove_torn_writes, save_checkpoint)
 from .images import save_grid
 from .losses import LOSSES
 from .networks import NetworkConfig, load_grown_state_dict
@@ -373,6 +373,8 @@ class Trainer:
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
         self._write_config()
+        for torn in remove_torn_writes(self.ckpt_dir):
+            self.log(f"removed {torn.name}, a checkpoint write that was killed before it finished")
         amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
         graphs = ", CUDA graphs" if self.use_graphs else ""
         self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}")
