@@ -4,9 +4,9 @@ Each op module keeps a table ``{backend name: implementation}``. Its public func
 ``backend=None`` and asks :func:`resolve` for the implementation: an explicit name wins, otherwise
 the process-wide default set by :func:`set_default_backend` (the trainer's ``--backend`` switch).
 
-``reference`` always exists; ``triton`` registers itself where Triton can run, ``cpu`` (C++ twins)
-and ``cuda`` (CUDA kernels) where the native library ``progan_fast._C`` loaded (see ``_native.py``). Asking for a backend that an op does not
-have is an error that names the op, the backend and what is available, never a silent fallback:
+``reference`` always exists; ``triton`` registers itself where Triton can run, ``cpu`` (C++
+twins) and ``cuda`` (CUDA kernels) where the native library ``progan_fast._C`` loaded (see
+``_native.py``). Asking for a backend that an op does not have is an error that names the op, the backend and what is available, never a silent fallback:
 a benchmark that silently measured the reference would lie.
 """
 
@@ -89,7 +89,7 @@ def _why_unavailable(name: str) -> str:
         from . import _native
 
         return _native.why_unavailable(name)
-    return "not built yet"
+    return "no such backend"
 
 
 def get_default_backend() -> str:
