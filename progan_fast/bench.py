@@ -79,7 +79,7 @@ def kernel_backends(device_type: str) -> list[str]:
     return ["reference"] + [b for b in names if b != "reference"]
 
 
-def variants_for(device_type: str, loss: str, with_compile: bool) -> list[Variant]:
+def variants_for(device_type: str, with_compile: bool) -> list[Variant]:
     out = []
     for backend in kernel_backends(device_type):
         out.append(Variant(backend))
@@ -135,7 +135,7 @@ def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, de
                   warmup: int, with_compile: bool, log=print) -> list[Result]:
     results: list[Result] = []
     config = NetworkConfig(max_res=max(resolutions), **widths)
-    variants = variants_for(device.type, loss, with_compile)
+    variants = variants_for(device.type, with_compile)
     if loss == "wgan-gp":
         log(f"{PROG}: compile is not timed: torch.compile cannot run the gradient penalty's double backward "
             f"(use --loss nonsat to time it)")
