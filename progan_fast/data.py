@@ -291,7 +291,9 @@ def _read_cache(path: Path, max_res: int):
     if not path.is_file():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the levels are read from the file as batches touch them, and the ranks of a
+        # torchrun job share one copy in the page cache instead of holding one each.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(obj, dict) or obj.get("format") != _CACHE_FORMAT or obj.get("max_res") != max_res:
             return None
         levels = obj["levels"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .profiling import nvtx_range
 
 LOSSES = ("nonsat", "minimax", "wgan-gp")
+PENALIZED = ("wgan-gp",)  # the losses whose D step draws mixing factors for a gradient penalty
 WGAN_LAMBDA = 10.0
 WGAN_DRIFT = 0.001
 WGAN_TARGET = 1.0
@@ -92,8 +93,9 @@ def discriminator_loss(
     reals: torch.Tensor,
     fakes: torch.Tensor,
     grad_scale: torch.Tensor | None = None,
+    mix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """D's loss for ``kind`` and the detached terms worth logging (``grad_scale``: see
+    """D's loss for ``kind`` and the detached terms worth logging (``grad_scale`` and ``mix``: see
     :func:`gradient_penalty`)."""
     real_out, fake_out = critic(reals), critic(fakes)
     stats = {"D_real": real_out.detach().mean(), "D_fake": fake_out.detach().mean()}
@@ -101,7 +103,7 @@ def discriminator_loss(
         loss = d_logistic(real_out, fake_out)
     elif kind == "wgan-gp":
         with nvtx_range("penalty"):
-            penalty = gradient_penalty(critic, reals, fakes, grad_scale=grad_scale)
+            penalty = gradient_penalty(critic, reals, fakes, mix=mix, grad_scale=grad_scale)
         loss = d_wgan(real_out, fake_out) + penalty
         stats["penalty"] = penalty.detach()
     else:

@@ -151,6 +151,13 @@ class Generator(nn.Module):
             rgb = ops.fade_in(self.to_rgb[str(res // 2)](prev), rgb, alpha)
         return rgb
 
+    def parameters_used(self, res: int, fading: bool) -> set[str]:
+        """Names of the parameters :meth:`forward` uses at ``res`` (with ``alpha`` if ``fading``)."""
+        layers = ["input", "conv4", f"to_rgb.{res}"] + [f"blocks.{r}" for r in _grown(res)]
+        if fading and res > 4:
+            layers.append(f"to_rgb.{res // 2}")
+        return _parameters_of(self, layers)
+
 
 class DiscriminatorOutput(nn.Module):
     """Minibatch stddev -> conv3x3 -> dense 4x4 -> nf(0) -> dense -> 1 logit."""
@@ -201,6 +208,22 @@ class Discriminator(nn.Module):
                 x = self._block(r, x)
                 r //= 2
         return self.output(x)
+
+    def parameters_used(self, res: int, fading: bool) -> set[str]:
+        """Names of the parameters :meth:`forward` uses at ``res`` (with ``alpha`` if ``fading``)."""
+        layers = ["output", f"from_rgb.{res}"] + [f"blocks.{r}" for r in _grown(res)]
+        if fading and res > 4:
+            layers.append(f"from_rgb.{res // 2}")
+        return _parameters_of(self, layers)
+
+
+def _grown(res: int) -> list[int]:
+    """The resolutions above 4 up to ``res``: the blocks a network at ``res`` runs."""
+    return [1 << k for k in range(3, res.bit_length()) if 1 << k <= res]
+
+
+def _parameters_of(module: nn.Module, layers: list[str]) -> set[str]:
+    return {name for name, _ in module.named_parameters() if any(name.startswith(layer + ".") for layer in layers)}
 
 
 def load_grown_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

@@ -2,16 +2,20 @@
 
 Every bad input ends in one line ``progan_fast.train: error: ...`` and exit code 2; nothing a run
 already saved is overwritten.
+
+Under ``torchrun --nproc_per_node=N -m progan_fast.train ...`` the same command trains
+data-parallel on N ranks (:mod:`progan_fast.distributed`); only rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from . import ops
+from . import distributed, ops
 from .checkpoint import CheckpointError
 from .data import DataError
 from .losses import LOSSES
@@ -33,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Run folder: config.json, checkpoints/, samples/ (latest.png is the newest EMA-generator "
             "grid, reals.png the data), log.jsonl and tensorboard/ (tensorboard --logdir RUN/tensorboard). "
             "Examples: '%(prog)s' | '%(prog)s --data ~/faces --preset paper --max-res 128' | "
-            "'%(prog)s --resume auto --out runs/demo'."
+            "'%(prog)s --resume auto --out runs/demo'. "
+            "Several GPUs (or CPU processes): 'torchrun --standalone --nproc_per_node=N -m progan_fast.train ...' "
+            "trains data-parallel (DDP: NCCL on GPUs, gloo on the CPU); --batch is the global batch, split "
+            "evenly across the ranks, and a run resumes with any number of ranks."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -107,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the data every this many kimg and at each phase end (off by default: about "
                         "10 s a time on a CPU at 32px); 'python -m progan_fast.metrics RUN' scores a run afterwards")
     r.add_argument("--swd-images", type=int, default=1024, help="images a side for --swd-kimg (the paper: 8192)")
+    r.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="a step whose D or G loss (or a gradient) is NaN or inf is skipped on the device, leaving "
+                        "weights and Adam state unchanged; stop the run (without saving) once this many consecutive "
+                        "steps were skipped for non-finite losses (checked at each log interval)")
     r.add_argument("--log-kimg", type=float, default=1.0, help="log losses and img/s every this many kimg")
     r.add_argument("--sample-kimg", type=float, default=10.0, help="write a sample grid every this many kimg (and at each phase end)")
     r.add_argument("--checkpoint-kimg", type=float, default=20.0, help="checkpoint every this many kimg (and at each phase end)")
@@ -159,51 +170,100 @@ def default_out(resume: str | None) -> Path:
     return runs / time.strftime("%Y%m%d-%H%M%S")
 
 
+def resume_command(argv: list[str], out: Path, world: distributed.World) -> str:
+    """The command that continues this run: the same flags (a resume must repeat them), with
+    ``--resume auto --out OUT`` in place of any given; under torchrun, any number of ranks."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--resume", "--out"):
+            skip = True
+        elif not arg.startswith(("--resume=", "--out=")):
+            kept.append(arg)
+    launcher = "torchrun --standalone --nproc_per_node=N" if world.distributed else "python"
+    return f"{launcher} -m {__package__}.train " + shlex.join([*kept, "--resume", "auto", "--out", str(out)])
+
+
+def _default_out_or_error(resume: str | None) -> Path | str:
+    try:
+        return default_out(resume)
+    except UsageError as e:
+        return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    world = distributed.SINGLE
     try:
-        config = config_from_args(args)
-        options = RunOptions(
-            out=args.out if args.out is not None else default_out(args.resume),
-            resume=args.resume,
-            device=args.device,
-            backend=args.backend,
-            log_kimg=args.log_kimg,
-            sample_kimg=args.sample_kimg,
-            checkpoint_kimg=args.checkpoint_kimg,
-            keep_checkpoints=args.keep_checkpoints,
-            stop_after_kimg=args.stop_after_kimg,
-            progress=not args.no_progress,
-            tensorboard=not args.no_tensorboard,
-            amp=args.amp_dtype if args.amp else None,
-            cuda_graphs=args.cuda_graphs,
-            nvtx=args.nvtx,
-            swd_kimg=args.swd_kimg,
-            swd_images=args.swd_images,
-            profile_steps=args.profile,
-            cuda_profiler_window=None if args.cuda_profiler_steps is None else cuda_window(args.cuda_profiler_steps),
-        )
-        for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
-            if not getattr(options, name) > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if options.swd_kimg is not None and not options.swd_kimg > 0:
-            raise UsageError("--swd-kimg must be positive")
-        if options.swd_images < 2:
-            raise UsageError(f"--swd-images must be at least 2, not {options.swd_images}")
-        if options.keep_checkpoints < 1:
-            raise UsageError("--keep-checkpoints must be at least 1")
-        print(f"{PROG}: run folder {options.out}", file=sys.stderr)
-        Trainer(config, options, log=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)).run()
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        world = distributed.from_environment()
+        return _train(args, world, sys.argv[1:] if argv is None else list(argv))
+    except (UsageError, DataError, CheckpointError, distributed.DistributedError) as e:
+        _error(world, e)
         return 2
     except TrainingDiverged as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        _error(world, e)
         return 1
     except OSError as e:  # e.g. an unwritable --out or a full disk: say which file, no traceback
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        _error(world, e)
         return 1
+    finally:
+        distributed.shutdown(world)
+
+
+def _error(world: distributed.World, e: Exception) -> None:
+    """Print one error line. The ranks check the same inputs and fail alike, so rank 0 speaks for them."""
+    if world.is_main:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) -> int:
+    if world.distributed:
+        # Join the process group first: the run folder's default name (a time stamp) is rank 0's.
+        from .trainer import resolve_device
+
+        distributed.init(world, resolve_device(args.device, world))
+    out = args.out
+    if out is None:
+        out = world.broadcast_object(_default_out_or_error(args.resume) if world.is_main else None)
+        if isinstance(out, str):  # rank 0's error, raised on every rank
+            raise UsageError(out)
+    config = config_from_args(args)
+    options = RunOptions(
+        out=out,
+        resume=args.resume,
+        device=args.device,
+        backend=args.backend,
+        log_kimg=args.log_kimg,
+        sample_kimg=args.sample_kimg,
+        checkpoint_kimg=args.checkpoint_kimg,
+        keep_checkpoints=args.keep_checkpoints,
+        stop_after_kimg=args.stop_after_kimg,
+        progress=not args.no_progress,
+        tensorboard=not args.no_tensorboard,
+        amp=args.amp_dtype if args.amp else None,
+        cuda_graphs=args.cuda_graphs,
+        nvtx=args.nvtx,
+        swd_kimg=args.swd_kimg,
+        swd_images=args.swd_images,
+        profile_steps=args.profile,
+        cuda_profiler_window=None if args.cuda_profiler_steps is None else cuda_window(args.cuda_profiler_steps),
+        max_skipped_steps=args.max_skipped_steps,
+        resume_command=resume_command(argv, out, world),
+    )
+    for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
+        if not getattr(options, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if options.swd_kimg is not None and not options.swd_kimg > 0:
+        raise UsageError("--swd-kimg must be positive")
+    if options.swd_images < 2:
+        raise UsageError(f"--swd-images must be at least 2, not {options.swd_images}")
+    if options.keep_checkpoints < 1:
+        raise UsageError("--keep-checkpoints must be at least 1")
+    if world.is_main:
+        print(f"{PROG}: run folder {options.out}", file=sys.stderr)
+    Trainer(config, options, log=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr), world=world).run()
     return 0
 
 

@@ -7,6 +7,10 @@ A run lives in one folder (``--out``)::
     samples/             EMA-generator grids on fixed latents; reals.png shows the data
     log.jsonl            one JSON object per log interval
     tensorboard/         the same scalars (and sample grids) for TensorBoard
+
+Under ``torchrun`` every rank runs this loop on its slice of each global batch (see
+:mod:`progan_fast.distributed`); rank 0 alone writes into the run folder and prints. Every
+decision that ends a phase, a log window or the run is taken by all ranks at the same step.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ import torch
 from tqdm import tqdm
 
 from . import data as datamod
-from . import ops, profiling
+from . import distributed, ops, profiling
 from .checkpoint import (CheckpointError, atomic_torch_save, check_compatible, list_checkpoints, load_checkpoint,
                          remove_torn_writes, save_checkpoint)
 from .images import save_grid
 from .losses import LOSSES
 from .networks import NetworkConfig, load_grown_state_dict
 from .schedule import Phase, build_schedule, images_before
-from .step import AMP_DTYPES, GANState, Iteration
+from .step import AMP_DTYPES, GANState, Iteration, Window
 
 SAMPLE_GRID = 64  # images per sample grid (8x8)
 
@@ -111,6 +115,8 @@ class RunOptions:
     cuda_profiler_window: tuple[int, int] | None = None  # (start, stop) steps of this invocation
     swd_kimg: float | None = None  # log SWD of the EMA generator against the data every this many kimg
     swd_images: int = 1024
+    max_skipped_steps: int = 10  # stop after this many consecutive steps with non-finite losses
+    resume_command: str | None = None  # what to type to continue this run (the CLI fills it in)
 
 
 #: Steps of an invocation that ``--profile`` lets pass before it records: allocation, Triton
@@ -118,14 +124,14 @@ class RunOptions:
 PROFILE_SKIP_STEPS = 5
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA device (use --device cpu or auto)")
-    if name not in ("cpu", "cuda"):
+def resolve_device(name: str, world: distributed.World = distributed.SINGLE) -> torch.device:
+    """``--device`` for this rank (``cuda:LOCAL_RANK`` under torchrun)."""
+    if name not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
-    return torch.device(name)
+    try:
+        return distributed.device_for(world, name)
+    except distributed.DistributedError as e:
+        raise UsageError(str(e)) from None
 
 
 def validate(config: TrainConfig) -> None:
@@ -154,36 +160,46 @@ def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.Ima
 
 class _StopRequest:
     """Turns the first Ctrl-C into a request honoured at the next step boundary (so a checkpoint is
-    never taken between D's and G's update); a second Ctrl-C interrupts at once."""
+    never taken between D's and G's update); a second Ctrl-C interrupts at once.
 
-    def __init__(self) -> None:
+    Under torchrun a Ctrl-C reaches each rank twice (from the terminal, then forwarded by torchrun,
+    which sends SIGKILL 30 s later), and torchrun forwards a SIGTERM it receives: there, every
+    SIGINT and SIGTERM only requests the stop, and the ranks agree on the step to stop at.
+    """
+
+    def __init__(self, world: distributed.World = distributed.SINGLE) -> None:
         self.requested = False
-        self._previous = None
+        self.world = world
+        self._previous: dict = {}
 
     def __enter__(self) -> _StopRequest:
+        signals = (signal.SIGINT, signal.SIGTERM) if self.world.distributed else (signal.SIGINT,)
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and not self.world.distributed:
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, options: RunOptions, log=print) -> None:
+    def __init__(self, config: TrainConfig, options: RunOptions, log=print,
+                 world: distributed.World = distributed.SINGLE) -> None:
         validate(config)
         self.config = config
         self.options = options
-        self.log = log
-        self.device = resolve_device(options.device)
+        self.world = world
+        self.log = log if world.is_main else (lambda message: None)
+        self.device = resolve_device(options.device, world)
         if options.amp is not None and options.amp not in AMP_DTYPES:
             raise UsageError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, not {options.amp!r}")
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
@@ -194,6 +210,15 @@ class Trainer:
         profiling.enable_nvtx(options.nvtx)
         if options.cuda_graphs and not self.use_graphs:
             self.log("--cuda-graphs needs a CUDA device; training on the CPU without CUDA graphs")
+        if self.use_graphs and world.distributed:
+            # PyTorch can capture DDP only under conditions this loop does not meet (DDP built on a
+            # side stream, 11+ eager DDP steps before capture, NCCL's async error handling off, a
+            # static graph), and that combination has not been run here: refuse rather than guess.
+            raise UsageError(
+                f"--cuda-graphs is not supported with several ranks ({world.size} under torchrun) in this "
+                f"version; drop --cuda-graphs to train data-parallel, or run one process to use CUDA graphs")
+        if options.max_skipped_steps < 1:
+            raise UsageError(f"--max-skipped-steps must be at least 1, not {options.max_skipped_steps}")
         try:
             self.backend = ops.set_default_backend(options.backend, self.device.type)
         except ops.BackendUnavailableError as e:
@@ -204,8 +229,14 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         checkpoint = self._checkpoint_to_resume()
 
-        self.dataset = load_data(config, self.run_dir, options.progress)
         self.phases = build_schedule(config.max_res, config.kimg_per_phase, config.batch)
+        self._check_batch_split()
+        # Rank 0 decodes an image folder and writes the cache; the others then map that file.
+        if not world.is_main:
+            world.barrier()
+        self.dataset = load_data(config, self.run_dir, options.progress and world.is_main)
+        if world.is_main:
+            world.barrier()
         largest_batch = max(p.batch for p in self.phases)
         if largest_batch > len(self.dataset):
             raise UsageError(
@@ -213,21 +244,40 @@ class Trainer:
                 f"{self.dataset.source}); pass a smaller --batch"
             )
 
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same on every rank: they draw the global batch alike
         self.state = GANState.create(
             config.network_config(), self.device, config.loss, config.lr, config.ema_beta,
-            amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp],
-            fused_adam=self.use_graphs, capturable=self.use_graphs,
+            amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp], capturable=self.use_graphs,
         )
         self.phase_index, self.step = 0, 0
         self.writer = None
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
         if checkpoint is not None:
             self._restore(checkpoint)
+        self.state.world = world
         # Fixed latents for sample grids, from their own generator so they never shift training's RNG.
         self.sample_latents = torch.randn(
             SAMPLE_GRID, config.latent_size, generator=torch.Generator().manual_seed(config.seed + 1)
         ).to(self.device)
+
+    def _check_batch_split(self) -> None:
+        """Under torchrun every phase's global batch must split evenly across the ranks."""
+        ranks = self.world.size
+        if ranks == 1:
+            return
+        for p in self.phases:
+            if p.batch % ranks:
+                raise UsageError(
+                    f"the batch at {p.res}px ({p.batch}) does not split evenly across {ranks} ranks; "
+                    f"pass a --batch divisible by {ranks} or start {ranks} fewer/more processes")
+        from .ops.minibatch_stddev import effective_group_size
+
+        uneven = sorted({p.batch for p in self.phases
+                         if (p.batch // ranks) % effective_group_size(p.batch, self.config.mbstd_group_size)})
+        if uneven:
+            self.log(f"note: with {ranks} ranks the per-rank batch of the global batch "
+                     f"{', '.join(map(str, uneven))} is not a multiple of the minibatch-stddev group: D's groups are "
+                     f"smaller than in one process (training works; it is just not the same statistic)")
 
     # ----- run directory and resume -------------------------------------------------------------
 
@@ -309,8 +359,11 @@ class Trainer:
             if scaler is not None and name in scales:
                 scaler.load_state_dict(scales[name])
         torch.set_rng_state(ckpt["rng_cpu"])
-        if self.device.type == "cuda" and ckpt.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        rng_cuda = ckpt.get("rng_cuda")
+        if isinstance(rng_cuda, list):  # older checkpoints hold one state per visible GPU; training used the first
+            rng_cuda = rng_cuda[0] if rng_cuda else None
+        if self.device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, self.device)
         if old_config.max_res < self.config.max_res:
             self.log(f"growing the run from {old_config.max_res}px to {self.config.max_res}px")
 
@@ -333,14 +386,17 @@ class Trainer:
                               for net in nets.values()]).tolist()
         return [name for name, ok in zip(nets, finite) if not ok]
 
-    def checkpoint(self) -> Path:
-        """Write a checkpoint; refuses (TrainingDiverged) to write non-finite weights over good ones."""
+    def checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank checks the weights, which are the same on all);
+        refuses (TrainingDiverged) to write non-finite weights over good ones."""
         bad = self._non_finite_networks()
         if bad:
             raise TrainingDiverged(
                 f"non-finite weights in {', '.join(bad)} at {self.images_done() / 1000:.1f} kimg; not checkpointed. "
                 f"The last checkpoint in {self.ckpt_dir} is from before this. Try a lower --lr or --loss wgan-gp"
             )
+        if not self.world.is_main:
+            return None
         s = self.state
         payload = {
             "config": self.config.to_dict(),
@@ -352,8 +408,9 @@ class Trainer:
             "G_ema": s.G_ema.state_dict(),
             "opt_G": s.opt_G.state_dict(),
             "opt_D": s.opt_D.state_dict(),
+            # Every rank's generators are in the same state, so rank 0's resume any number of ranks.
             "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "data_fingerprint": self.dataset.fingerprint(),
             "loss_scale": {name: scaler.state_dict() for name, scaler in (("D", s.scaler_D), ("G", s.scaler_G))
                            if scaler is not None},
@@ -372,34 +429,39 @@ class Trainer:
 
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
-        self._write_config()
-        for torn in remove_torn_writes(self.ckpt_dir):
-            self.log(f"removed {torn.name}, a checkpoint write that was killed before it finished")
+        main = self.world.is_main
+        self.world.barrier()  # every rank has checked the run folder before rank 0 writes into it
+        if main:
+            self._write_config()
+            for torn in remove_torn_writes(self.ckpt_dir):
+                self.log(f"removed {torn.name}, a checkpoint write that was killed before it finished")
         amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
         graphs = ", CUDA graphs" if self.use_graphs else ""
-        self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}")
-        if not (self.run_dir / "samples" / "reals.png").exists():
+        ranks = f", {self.world.size} ranks (DDP)" if self.world.distributed else ""
+        self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}{ranks}")
+        if main and not (self.run_dir / "samples" / "reals.png").exists():
             reals = datamod.to_float(self.dataset.at(self.config.max_res)[:SAMPLE_GRID])
             save_grid(reals, self.run_dir / "samples" / "reals.png")
-        self.writer = self._open_tensorboard()
+        self.writer = self._open_tensorboard() if main else None
         total = images_before(self.phases, len(self.phases))
         stop_at = None if self.options.stop_after_kimg is None else int(self.options.stop_after_kimg * 1000)
         bar = tqdm(total=total, initial=self.images_done(), unit="img", unit_scale=True,
-                   disable=not self.options.progress, dynamic_ncols=True, smoothing=0.1)
-        log_file = open(self.run_dir / "log.jsonl", "a")
+                   disable=not (self.options.progress and main), dynamic_ncols=True, smoothing=0.1)
+        log_file = open(self.run_dir / "log.jsonl", "a") if main else None
         try:
-            with _StopRequest() as stop:
+            with _StopRequest(self.world) as stop:
                 finished = self._loop(bar, log_file, stop, stop_at)
         finally:
             bar.close()
-            log_file.close()
+            if log_file is not None:
+                log_file.close()
             if self.writer is not None:
                 self.writer.close()
         if finished:
             self.log(f"done: {total / 1000:.1f} kimg; samples in {self.run_dir / 'samples'}")
         else:
-            self.log(f"stopped at {self.images_done() / 1000:.1f} kimg; continue with: "
-                     f"python -m progan_fast.train --resume auto --out {self.run_dir}")
+            again = self.options.resume_command or f"the same command with --resume auto --out {self.run_dir}"
+            self.log(f"stopped at {self.images_done() / 1000:.1f} kimg; continue with: {again}")
         return self.run_dir
 
     def _open_tensorboard(self):
@@ -453,6 +515,7 @@ class Trainer:
             if iteration_phase != self.phase_index:
                 if self.step == 0:
                     self.state.reset_optimizers()
+                self.state.wrap_data_parallel(self.world, self.device, phase.res, phase.fading)
                 iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images)
                 iteration_phase = self.phase_index
                 bar.set_description(f"{phase.res}px {phase.name}")
@@ -462,7 +525,7 @@ class Trainer:
                 iteration.load_batch(self.dataset.at(phase.res))
             if cuda_window is not None:
                 cuda_window.before_step(done_here)
-            if opts.profile_steps is not None and done_here == PROFILE_SKIP_STEPS:
+            if opts.profile_steps is not None and done_here == PROFILE_SKIP_STEPS and self.world.is_main:
                 prof = profiling.torch_profiler(self.device.type)
                 prof.__enter__()
             with profiling.nvtx_range(f"step {phase.res}px {phase.name}"):
@@ -476,26 +539,30 @@ class Trainer:
             window[0] += 1
             self.step += 1
             bar.update(phase.batch)
-            profiled = prof is not None and done_here == PROFILE_SKIP_STEPS + opts.profile_steps
-            if profiled:
+            profiled = opts.profile_steps is not None and done_here == PROFILE_SKIP_STEPS + opts.profile_steps
+            if prof is not None and profiled:
                 self._write_profile(prof)
                 prof = None
 
             end_of_phase = self.step >= phase.steps
             images = self.images_done()
             if images >= next_log or end_of_phase:
-                self._log_window(phase, alpha, iteration.read_sums(), window, bar, log_file)
+                self._log_window(phase, alpha, iteration.read_window(), window, bar, log_file)
                 window = [0, time.perf_counter()]
                 next_log = _next_multiple(images, opts.log_kimg)
             if images >= next_sample or end_of_phase:
-                self.save_samples(phase)
+                if self.world.is_main:
+                    self.save_samples(phase)
                 next_sample = _next_multiple(images, opts.sample_kimg)
             if next_swd is not None and (images >= next_swd or end_of_phase):
-                self._log_swd(phase, alpha, log_file)
+                if self.world.is_main:
+                    self._log_swd(phase, alpha, log_file)
                 next_swd = _next_multiple(images, opts.swd_kimg)
             if end_of_phase:
                 self.phase_index, self.step = self.phase_index + 1, 0
-            stopping = stop.requested or (stop_at is not None and images >= stop_at) or profiled
+            # A signal reaches the ranks at different steps: they stop together at the first step
+            # after which any of them has seen it (a CPU message per step, only with several ranks).
+            stopping = self.world.any(stop.requested) or (stop_at is not None and images >= stop_at) or profiled
             if images >= next_ckpt or end_of_phase or stopping:
                 self.checkpoint()
                 next_ckpt = _next_multiple(images, opts.checkpoint_kimg)
@@ -533,33 +600,44 @@ class Trainer:
         self.log(f"profiled {self.options.profile_steps} steps: {trace} (open it at https://ui.perfetto.dev); "
                  f"top ops in {folder}/summary-{self.images_done():012d}.txt")
 
-    def _log_window(self, phase: Phase, alpha, sums, window, bar, log_file) -> None:
+    def _log_window(self, phase: Phase, alpha, stats: Window, window, bar, log_file) -> None:
+        """Log one window's means, and stop a run whose losses stay non-finite (on every rank: the
+        counts are the same on all)."""
         steps, started = window
         seconds = max(time.perf_counter() - started, 1e-9)
-        means = {k: v / steps for k, v in sums.items()}
-        bad = [k for k, v in means.items() if not math.isfinite(v)]
-        if bad:
+        kimg = self.images_done() / 1000
+        where = f"{round(kimg, 3):g} kimg ({phase.res}px {phase.name})"
+        if stats.longest_non_finite_run >= self.options.max_skipped_steps:
             raise TrainingDiverged(
-                f"non-finite {', '.join(bad)} at {self.images_done() / 1000:.1f} kimg ({phase.res}px {phase.name}); "
-                f"the last checkpoint in {self.ckpt_dir} is from before this. Try a lower --lr or --loss wgan-gp"
+                f"{stats.longest_non_finite_run} consecutive steps with non-finite losses up to {where} "
+                f"(--max-skipped-steps {self.options.max_skipped_steps}); their updates were skipped and no "
+                f"non-finite weights were saved; the last checkpoint in {self.ckpt_dir} is from before this. "
+                f"Try a lower --lr or --loss wgan-gp, or --resume auto to retry from it"
             )
+        if stats.non_finite_steps:
+            self.log(f"note: {stats.non_finite_steps} step(s) with non-finite losses up to {where} were skipped "
+                     f"(weights and Adam state unchanged)")
+        means = stats.means
         record = {
-            "kimg": round(self.images_done() / 1000, 3),
+            "kimg": round(kimg, 3),
             "res": phase.res,
             "phase": phase.name,
             "alpha": 1.0 if alpha is None else round(alpha, 4),
             "img_per_s": round(steps * phase.batch / seconds, 1),
             **{k: round(v, 5) for k, v in means.items()},
         }
+        if stats.non_finite_steps:
+            record["skipped_steps"] = stats.non_finite_steps
+        if log_file is None:  # not rank 0
+            return
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "kimg":
                     self.writer.add_scalar(k, v, self.images_done())
-        bar.set_postfix_str(
-            f"a={record['alpha']:.2f} kimg={record['kimg']:.1f} D={means['D_loss']:.3f} G={means['G_loss']:.3f}"
-        )
+        losses = f" D={means['D_loss']:.3f} G={means['G_loss']:.3f}" if means else " (no finite step)"
+        bar.set_postfix_str(f"a={record['alpha']:.2f} kimg={record['kimg']:.1f}{losses}")
 
 
 def _next_multiple(images: int, kimg: float) -> int:

@@ -3,6 +3,7 @@
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_0(tmp_path):
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "--resume auto" in err
     (ckpt,) = sorted((out / "checkpoints").glob("ckpt-*.pt"))
-    resumed = run_cli(*args, "--out", out, "--resume", "auto", "--stop-after-kimg", "0.001")
+    # The command the message gives is the one that works (it repeats the run's flags).
+    hint = err.split("continue with: ")[1].splitlines()[0]
+    command = shlex.split(hint)
+    assert command[:3] == ["python", "-m", "progan_fast.train"] and "--log-kimg" in command
+    resumed = run_cli(*command[3:], "--stop-after-kimg", "0.001")
     assert resumed.returncode == 0 and f"resuming from {ckpt}" in resumed.stderr, resumed.stderr
 
 
