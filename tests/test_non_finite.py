@@ -36,10 +36,12 @@ def snapshot(state: GANState) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("loss", ["nonsat", "wgan-gp"])
-def test_a_non_finite_step_leaves_weights_and_adam_untouched(loss, poisoned):
+@pytest.mark.parametrize("loss,fused_adam", [("nonsat", True), ("wgan-gp", True), ("nonsat", False)])
+def test_a_non_finite_step_leaves_weights_and_adam_untouched(loss, fused_adam, poisoned):
+    """The trainer's fused Adam skips on the device; the for-each one (tests only) via the host."""
     torch.manual_seed(0)
-    state = GANState.create(CFG, torch.device("cpu"), loss=loss)
+    state = GANState.create(CFG, torch.device("cpu"), loss=loss, fused_adam=fused_adam)
+    assert bool(state.opt_D.defaults.get("fused")) == fused_adam
     images = (synthetic_images(40, 8) * 127.5 + 127.5).round().to(torch.uint8)
     it = Iteration(state, 8, 6, False, torch.device("cpu"), images)
     it()  # a finite step: Adam has state to protect
