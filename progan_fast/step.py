@@ -18,7 +18,7 @@ non-finite gradients with numbers instead. Skipping keeps the last good weights.
 Data parallel (``torchrun``): ``state.world`` says which rank this is. Each rank draws the global
 batch's latents and mixing factors and keeps its rows (:meth:`progan_fast.distributed.World.take`);
 ``D_train`` and ``G_train`` are the networks wrapped in ``DistributedDataParallel``, which averages
-the gradients; the skip flag is maxed over the ranks so that they all skip together.
+the gradients, so a skip caused by any rank's non-finite loss happens on every rank.
 
 Mixed precision (``--amp``): the forward passes run under ``torch.autocast`` (bf16 by default,
 fp16 on request); every op casts its activations to that dtype and accumulates in float32 (see
@@ -216,14 +216,21 @@ class StepLosses:
 def _backward_and_step(state: GANState, loss: torch.Tensor, net: str) -> torch.Tensor:
     """Backward, then one Adam step on ``net`` unless its loss or a gradient is not finite.
 
-    Returns a 0-dim float32 device flag, 1.0 when the loss was not finite (on any rank). The
-    skip decision also covers non-finite gradients, which in fp16 are the loss scaler's normal
-    overflows and not counted as a bad step.
+    Returns a 0-dim float32 device flag, 1.0 when this rank's loss was not finite. A non-finite
+    loss scales the backward pass by NaN, so every gradient it reaches is NaN even where the
+    NaN or inf would not have reached the gradients by itself (a loss term that is only added,
+    say). The skip decision then reads the gradients alone. Under DDP these were already averaged
+    over the ranks, so a NaN from any rank is in every rank's gradients and all ranks skip together,
+    with no collective of our own (one per optimizer step cost 8-15% of a 2-rank CPU step). In
+    fp16 the gradient check also catches the loss scaler's normal overflows; those are not counted
+    as bad steps.
     """
     optimizer: torch.optim.Optimizer = getattr(state, f"opt_{net}")
     scaler: DeviceLossScaler | None = getattr(state, f"scaler_{net}")
+    loss_bad = loss.detach().isfinite().logical_not()
     with nvtx_range(f"{net} backward"):
-        (loss if scaler is None else loss * scaler.scale).backward()
+        poison = torch.where(loss_bad, float("nan"), 1.0)  # exactly 1.0: finite steps are unchanged
+        (loss * (poison if scaler is None else poison * scaler.scale)).backward()
     with nvtx_range(f"{net} optimizer"):
         if scaler is not None:
             scaler.unscale_(optimizer)  # sets scaler.found_inf from the gradients
@@ -233,11 +240,6 @@ def _backward_and_step(state: GANState, loss: torch.Tensor, net: str) -> torch.T
             if found_inf is None:
                 found_inf = state.found_inf[net] = torch.zeros((), dtype=torch.float32, device=loss.device)
             _check_gradients(optimizer, found_inf)
-        # [skip the step, the loss was not finite], maxed over the ranks in one collective.
-        flags = torch.stack([found_inf, loss.detach().isfinite().logical_not().float()])
-        flags[0] = flags.max()
-        state.world.max_(flags)
-        found_inf.copy_(flags[0])
         if optimizer.defaults.get("fused"):
             optimizer.grad_scale = None
             optimizer.found_inf = found_inf  # the fused Adam skips its step on the device when set
@@ -246,7 +248,7 @@ def _backward_and_step(state: GANState, loss: torch.Tensor, net: str) -> torch.T
             optimizer.step()
         if scaler is not None:
             scaler.update()  # a skipped step also halves the loss scale
-    return flags[1]
+    return loss_bad.float()
 
 
 def _check_gradients(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
@@ -316,19 +318,23 @@ def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
 
 @dataclass
 class Window:
-    """What :meth:`Iteration.read_window` reports for the steps since the last read."""
+    """What :meth:`Iteration.read_window` reports for the steps since the last read.
+
+    With several ranks, each rank counts the steps whose loss was non-finite on it, and a window
+    reports the most any rank counted (every rank skipped those steps: see
+    :func:`_backward_and_step`). All ranks get the same figures, so they take the same decisions.
+    """
 
     steps: int  # steps taken
     loss_sums: dict[str, float]  # each loss term summed over the finite steps (and over the ranks)
+    finite_terms: int  # how many (step, rank) terms went into those sums
     non_finite_steps: int  # steps whose D or G loss was not finite (their updates were skipped)
     longest_non_finite_run: int  # the most consecutive such steps ending in this window (a run may begin earlier)
-    ranks: int = 1
 
     @property
     def means(self) -> dict[str, float]:
         """Each loss term's mean over the finite steps and the ranks (empty if no step was finite)."""
-        finite = self.steps - self.non_finite_steps
-        return {k: v / (finite * self.ranks) for k, v in self.loss_sums.items()} if finite else {}
+        return {k: v / self.finite_terms for k, v in self.loss_sums.items()} if self.finite_terms else {}
 
 
 class Iteration:
@@ -412,18 +418,23 @@ class Iteration:
         torch.maximum(longest, run, out=longest)
 
     def read_window(self) -> Window:
-        """Read and reset the counters: the loop's one host sync (and, with several ranks, the one
-        place the loss sums are averaged over them)."""
+        """Read and reset the counters: the loop's one host sync (and, with several ranks, its two
+        collectives: one sums the losses and finite counts, one takes the longest runs' max)."""
+        world = self.state.world
         names = list(self.sums)
-        sums = torch.stack([self.sums[k] for k in names]) if names else self.counts.new_zeros(0)
-        self.state.world.sum_(sums)
-        finite, non_finite, run, longest = self.counts.tolist()  # the same on every rank
+        finite, non_finite, run, longest = self.counts.unbind()
+        summed = torch.stack([*(self.sums[k] for k in names), finite, finite + non_finite])
+        maxed = torch.stack([non_finite, longest])
+        world.sum_(summed)
+        world.max_(maxed)
+        *sums, finite_terms, rank_steps = summed.tolist()
+        non_finite_steps, longest_run = maxed.tolist()
         for v in self.sums.values():
             v.zero_()
         # The current run is kept: one that goes on into the next window counts there in full.
         self.counts[[0, 1, 3]] = 0.0
-        return Window(int(finite + non_finite), dict(zip(names, sums.tolist())), int(non_finite), int(longest),
-                      self.state.world.size)
+        return Window(round(rank_steps / world.size), dict(zip(names, sums)),
+                      int(finite_terms), int(non_finite_steps), int(longest_run))
 
     def read_sums(self) -> dict[str, float]:
         """``{name: sum over the finite steps since the last read}``, then reset (tests and bench)."""

@@ -172,7 +172,8 @@ def default_out(resume: str | None) -> Path:
 
 def resume_command(argv: list[str], out: Path, world: distributed.World) -> str:
     """The command that continues this run: the same flags (a resume must repeat them), with
-    ``--resume auto --out OUT`` in place of any given; under torchrun, any number of ranks."""
+    ``--resume auto --out OUT`` in place of any given. Under torchrun it names this run's number of
+    processes so that it runs as printed (any other number resumes the run too)."""
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -181,7 +182,7 @@ def resume_command(argv: list[str], out: Path, world: distributed.World) -> str:
             skip = True
         elif not arg.startswith(("--resume=", "--out=")):
             kept.append(arg)
-    launcher = "torchrun --standalone --nproc_per_node=N" if world.distributed else "python"
+    launcher = f"torchrun --standalone --nproc_per_node={world.size}" if world.distributed else "python"
     return f"{launcher} -m {__package__}.train " + shlex.join([*kept, "--resume", "auto", "--out", str(out)])
 
 

@@ -205,7 +205,7 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=120)  # torchrun itself exits 1 with its SignalException
     assert err.count("stopped at") == 1, err
     hint = err.split("continue with: ")[1].splitlines()[0]
-    assert hint.startswith("torchrun --standalone --nproc_per_node=N -m progan_fast.train") and "--resume auto" in hint
+    assert hint.startswith("torchrun --standalone --nproc_per_node=2 -m progan_fast.train") and "--resume auto" in hint
     (ckpt,) = list_checkpoints(out / "checkpoints")
     resumed = run_cli(args + ["--out", str(out), "--resume", "auto", "--stop-after-kimg", "0.001"])
     assert resumed.returncode == 0 and f"resuming from {ckpt}" in resumed.stderr, resumed.stderr

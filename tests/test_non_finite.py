@@ -81,6 +81,38 @@ def test_the_longest_run_of_non_finite_steps_is_counted_across_windows(poisoned)
     assert (second.steps, second.non_finite_steps, second.longest_non_finite_run) == (4, 3, 3)
 
 
+@pytest.mark.parametrize("amp_dtype", [None, torch.float16])
+def test_a_non_finite_loss_whose_gradients_are_finite_is_still_skipped(amp_dtype, monkeypatch):
+    """A NaN that is only added to the loss leaves the gradients finite; the step must still be
+    skipped (the loss scales its own backward by NaN, which is also how the ranks agree)."""
+    from progan_fast import losses
+
+    torch.manual_seed(0)
+    state = GANState.create(CFG, torch.device("cpu"), amp_dtype=amp_dtype)
+    images = (synthetic_images(40, 8) * 127.5 + 127.5).round().to(torch.uint8)
+    it = Iteration(state, 8, 4, False, torch.device("cpu"), images)
+    it()
+    it.read_window()
+    if state.scaler_D is not None:
+        state.scaler_D.scale.fill_(1.0)  # no fp16 overflow: a skip here can only come from the loss
+    before = snapshot(state)
+    real_loss = losses.discriminator_loss
+
+    def nan_added(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss + float("nan"), stats
+
+    monkeypatch.setattr(losses, "discriminator_loss", nan_added)
+    it()
+    after = snapshot(state)
+    for k in before:
+        if k.startswith(("D.", "adam_D")):
+            assert torch.equal(before[k], after[k]), f"{k} changed in a skipped step"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("G."))  # G's step was fine
+    window = it.read_window()
+    assert (window.steps, window.non_finite_steps, window.longest_non_finite_run) == (1, 1, 1)
+
+
 def test_an_fp16_overflow_is_skipped_but_not_counted_as_a_non_finite_loss():
     torch.manual_seed(0)
     state = GANState.create(CFG, torch.device("cpu"), amp_dtype=torch.float16)
