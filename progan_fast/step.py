@@ -427,8 +427,7 @@ class Iteration:
         maxed = torch.stack([non_finite, longest])
         world.sum_(summed)
         world.max_(maxed)
-        *sums, finite_terms, rank_steps = summed.tolist()
-        non_finite_steps, longest_run = maxed.tolist()
+        *sums, finite_terms, rank_steps, non_finite_steps, longest_run = torch.cat([summed, maxed]).tolist()
         for v in self.sums.values():
             v.zero_()
         # The current run is kept: one that goes on into the next window counts there in full.
