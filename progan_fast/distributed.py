@@ -26,9 +26,11 @@ stop flag, broadcasting the run folder's name), as ``"cpu:gloo,cuda:nccl"``.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -170,3 +172,27 @@ def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
     _CPU_GROUP = None
+
+
+def end_process(code: int) -> NoReturn:
+    """End this rank's process with ``code`` now, without the interpreter's finalization.
+
+    Gloo's worker threads outlive ``destroy_process_group`` (PyTorch 2.13 does not join them), and
+    the last reference to a finished collective is sometimes theirs. Releasing it frees the
+    collective's tensors, which takes the GIL; if the main thread has begun finalizing by then,
+    Python ends the worker thread inside C++ code that must not unwind, and the process aborts
+    with "terminate called without an active exception" after training succeeded. This hit one
+    2-rank CPU job in five here. The core dump shows ``ProcessGroupGloo::runLoop`` ->
+    ``~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``
+    (pytorch/pytorch#179291 describes the same). A barrier before leaving did not help, because
+    the barrier's work holds the earlier collectives and is released the same way.
+
+    Every file the run wrote is closed by the time this is called, so the finalization has
+    nothing left to do: flush the standard streams and ``_exit``.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)

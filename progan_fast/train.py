@@ -13,6 +13,7 @@ import argparse
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from . import distributed, ops
@@ -194,23 +195,33 @@ def _default_out_or_error(resume: str | None) -> Path | str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; returns the exit status. Under torchrun a rank does not return: it ends its process
+    with that status once it has left the process group (see :func:`distributed.end_process`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     world = distributed.SINGLE
     try:
         world = distributed.from_environment()
-        return _train(args, world, sys.argv[1:] if argv is None else list(argv))
+        code = _train(args, world, sys.argv[1:] if argv is None else list(argv))
     except (UsageError, DataError, CheckpointError, distributed.DistributedError) as e:
         _error(world, e)
-        return 2
+        code = 2
     except TrainingDiverged as e:
         _error(world, e)
-        return 1
+        code = 1
     except OSError as e:  # e.g. an unwritable --out or a full disk: say which file, no traceback
         _error(world, e)
-        return 1
+        code = 1
+    except BaseException:
+        if not world.distributed:
+            raise
+        traceback.print_exc()  # what Python would print, before the rank ends without finalizing
+        code = 1
     finally:
         distributed.shutdown(world)
+    if world.distributed:
+        distributed.end_process(code)
+    return code
 
 
 def _error(world: distributed.World, e: Exception) -> None:
