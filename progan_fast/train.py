@@ -212,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # e.g. an unwritable --out or a full disk: say which file, no traceback
         _error(world, e)
         code = 1
-    except BaseException:
+    except BaseException as e:
         if not world.distributed:
             raise
         traceback.print_exc()  # what Python would print, before the rank ends without finalizing
-        code = 1
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1  # the shell's status for a Ctrl-C death
     finally:
         distributed.shutdown(world)
     if world.distributed:
