@@ -77,10 +77,10 @@ def _cuda_wheel_includes() -> list[str]:
 
 def _cpu_math_flags() -> list[str]:
     """The twins' lerp is torch.lerp's formula with fused multiply-adds (so it matches ATen bit for
-    bit). Without -mfma, x86 compilers turn std::fma into a call to glibc's exact software fma, which
-    made the CPU blend 3-14x slower than eager. The library is compiled on the machine that runs it,
-    so -mfma is used when this CPU has FMA. -ffp-contract=off keeps every other a*b+c exactly as
-    written (GCC would otherwise contract them once FMA is enabled)."""
+    bit). Without -mfma, x86 compilers turn std::fma into a call to glibc's exact software fma, far
+    slower than the instruction. The library is compiled on the machine that runs it, so -mfma is
+    used when this CPU has FMA. -ffp-contract=off keeps every other a*b+c exactly as written (GCC
+    would otherwise contract them once FMA is enabled)."""
     import platform
 
     flags = ["-ffp-contract=off"]

@@ -5,8 +5,8 @@
 // torch.library.register_autograd).
 #pragma once
 
-// ATen's per-operator headers, not ATen/ATen.h: this header is in every binding, and the whole ATen
-// API would double each one's compile time.
+// ATen's per-operator headers, not ATen/ATen.h: this header is in every binding, and the whole
+// ATen API would add its parsing and debug info to each one's compile.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
