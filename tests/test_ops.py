@@ -185,8 +185,8 @@ def test_unknown_or_missing_backend_is_a_clear_error():
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
-    from progan_fast.ops import _triton
+    from progan_fast.ops import triton as triton_backend
 
-    monkeypatch.setattr(_triton, "INTERPRETER", False)
+    monkeypatch.setattr(triton_backend, "INTERPRETER", False)
     with pytest.raises(ops.BackendUnavailableError, match="runs on a CUDA device"):
         ops.set_default_backend("triton", "cpu")
