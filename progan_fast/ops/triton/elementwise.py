@@ -38,6 +38,9 @@ if triton is not None:
     # Kernels that touch a 2x2 block per index do four elements' work per index: smaller blocks.
     GPU_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(512, 4), (1024, 4), (2048, 8), (4096, 8)]]
     GPU_CONFIGS_2X2 = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(128, 4), (256, 4), (512, 4), (1024, 8)]]
+else:  # no kernels without triton; the names exist so that the kernel modules import
+    _lerp = None
+    GPU_CONFIGS = GPU_CONFIGS_2X2 = []
 
 
 def autotune(kernel, numel_arg: str, configs: list):
