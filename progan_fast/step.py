@@ -46,7 +46,7 @@ from .distributed import SINGLE, World
 from .profiling import nvtx_range
 from .data import to_float
 from .networks import Discriminator, Generator, NetworkConfig
-from .ops.fade_in import Alpha
+from .ops.common import Alpha
 
 ADAM_LR = 1e-3
 ADAM_BETAS = (0.0, 0.99)

@@ -1,6 +1,9 @@
 """The eager reference ops against hand computations and their own autograd."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,8 +188,27 @@ def test_unknown_or_missing_backend_is_a_clear_error():
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
-    from progan_fast.ops import _triton
+    from progan_fast.ops import triton as triton_backend
 
-    monkeypatch.setattr(_triton, "INTERPRETER", False)
+    monkeypatch.setattr(triton_backend, "INTERPRETER", False)
     with pytest.raises(ops.BackendUnavailableError, match="runs on a CUDA device"):
         ops.set_default_backend("triton", "cpu")
+
+
+def test_the_ops_import_and_run_without_the_triton_package():
+    # A subprocess in which `import triton` fails: every op keeps its other backends, and the
+    # kernel modules of progan_fast.ops.triton define no kernels.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from progan_fast import ops\n"
+        "from progan_fast.ops import kernel_report, triton as triton_backend\n"
+        "assert not triton_backend.available() and 'not installed' in triton_backend.why_unavailable()\n"
+        "assert all('triton' not in t and 'reference' in t for t in ops.all_op_implementations().values())\n"
+        "assert kernel_report.all_specs() == []\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "torch.testing.assert_close(ops.fade_reals(x, 0.5), ops.fade_in(ops.downsample2x(x), x, 0.5))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

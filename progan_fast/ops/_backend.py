@@ -4,10 +4,11 @@ Each op module keeps a table ``{backend name: implementation}``. Its public func
 ``backend=None`` and asks :func:`resolve` for the implementation: an explicit name wins, otherwise
 the process-wide default set by :func:`set_default_backend` (the trainer's ``--backend`` switch).
 
-``reference`` always exists; ``triton`` registers itself where Triton can run, ``cpu`` (C++
-twins) and ``cuda`` (CUDA kernels) where the native library ``progan_fast._C`` loaded (see
-``_native.py``). Asking for a backend that an op does not have is an error that names the op, the backend and what is available, never a silent fallback:
-a benchmark that silently measured the reference would lie.
+``reference`` always exists; ``triton`` registers itself where Triton can run (see
+``triton/__init__.py``), ``cpu`` (C++ twins) and ``cuda`` (CUDA kernels) where the native library
+``progan_fast._C`` loaded (see ``_native.py``). Asking for a backend that an op does not have is
+an error that names the op, the backend and what is available, never a silent fallback: a
+benchmark that silently measured the reference would lie.
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ def available_backends(implementations: dict[str, Callable]) -> list[str]:
 
 
 #: What ``auto`` prefers on each device, fastest first. Triton on the CPU only exists under the
-#: interpreter, which is for testing, never for speed. On the CPU the reference wins the whole
-#: training step: ``python -m progan_fast.bench --device cpu`` measured the native ``cpu`` backend
-#: at 0.65-0.79x of the reference's img/s from 4px to 32px (laptop widths, batch 32, wgan-gp, 2
-#: cores), because the step is mostly convolution and oneDNN's conv with its fused bias beats our
-#: conv + separate epilogue pass; the pointwise twins alone are faster (see benchmarks/). ``cpu``
-#: stays selectable by name.
+#: interpreter, which is for testing, never for speed. On the CPU ``auto`` is the reference: the
+#: training step is mostly convolution, and there oneDNN's conv with its fused bias beats the
+#: native ``cpu`` backend's conv + separate epilogue pass, so the whole step is slower on ``cpu``
+#: even though its pointwise twins alone are faster (``python -m progan_fast.bench --device cpu``
+#: and benchmarks/; figures in README, "What is measured"). ``cpu`` stays selectable by name.
 AUTO_PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)}
 
 
@@ -63,9 +63,9 @@ def set_default_backend(name: str, device_type: str = "cpu") -> str:
         )
     else:
         if name == "triton" and device_type == "cpu":
-            from . import _triton
+            from . import triton as triton_backend
 
-            if not _triton.INTERPRETER:
+            if not triton_backend.INTERPRETER:
                 raise BackendUnavailableError(
                     "backend 'triton' runs on a CUDA device; on the CPU use reference "
                     "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)"
@@ -82,9 +82,9 @@ def set_default_backend(name: str, device_type: str = "cpu") -> str:
 
 def _why_unavailable(name: str) -> str:
     if name == "triton":
-        from . import _triton
+        from . import triton as triton_backend
 
-        return _triton.why_unavailable()
+        return triton_backend.why_unavailable()
     if name in ("cpu", "cuda"):
         from . import _native
 
