@@ -38,9 +38,11 @@ Backends:
   - ``fade_reals``: reads each 2x2 block once, averages, blends each pixel, writes once.
 
   The blend is torch.lerp's formula with its fused multiply-adds, so it is exact at alpha 0 and 1
-  and equals ``torch.lerp`` bit for bit on the CPU in float32. ``alpha`` is loaded by the kernels
-  from a 0-dim float32 tensor (float64 for float64 inputs), never passed by value, so a CUDA
-  graph replays with whatever the tensor holds. ``d_alpha`` is computed only when alpha requires a
+  and equals ``torch.lerp`` bit for bit in float32 wherever ``tl.fma`` rounds once: on GPUs and
+  under triton 3.9's interpreter, not under 3.6's, which computes it as a multiply then an add
+  (tests/test_triton_fade_in.py checks which). ``alpha`` is loaded by the kernels from a 0-dim
+  float32 tensor (float64 for float64 inputs), never passed by value, so a CUDA graph replays
+  with whatever the tensor holds. ``d_alpha`` is computed only when alpha requires a
   gradient (never in training): ``sum(g * (high - up))`` with torch ops on the saved inputs, where
   ``up`` is the fade_in op at alpha 0 (exactly ``up2x(low)``), so it stays differentiable.
 
