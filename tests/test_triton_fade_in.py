@@ -4,6 +4,7 @@ alpha, first and second derivatives, torch.library.opcheck, and GPU-sized shapes
 
 Without a GPU every kernel runs under Triton's interpreter (tests/conftest.py sets it)."""
 
+import functools
 import importlib
 
 import pytest
@@ -109,11 +110,59 @@ def test_fade_ends_are_exact(dtype):
     torch.testing.assert_close(y, fi.fade_reals(high.double(), 0.0, backend="reference").to(dtype), **TOL[dtype])
 
 
+if triton_backend.triton is not None:
+
+    @triton_backend.triton.jit
+    def _fma_kernel(x_ptr, y_ptr, z_ptr, out_ptr):
+        tl = triton_backend.tl
+        tl.store(out_ptr, tl.fma(tl.load(x_ptr), tl.load(y_ptr), tl.load(z_ptr)))
+
+
+@functools.cache
+def _tl_fma_rounds_once() -> bool:
+    """Whether float32 ``tl.fma`` rounds once here, as a GPU's ``fma.rn.f32`` does. Probe:
+    fma(1 + 2**-12, 1 + 2**-12, -1) is 2**-11 + 2**-24 exactly; a multiply then an add rounds the
+    product to 1 + 2**-11 first and gives 2**-11. Triton 3.6's interpreter evaluates ``tl.fma`` as
+    ``x * y + z`` in float32 numpy (two roundings); 3.9's interpreter rounds once, as GPUs do."""
+    x = torch.tensor([1 + 2**-12], device=DEVICE)
+    out = torch.empty(1, device=DEVICE)
+    _fma_kernel[(1,)](x, x, torch.tensor([-1.0], device=DEVICE), out)
+    fused, unfused = 2**-11 + 2**-24, 2**-11
+    assert out.item() in (fused, unfused), f"tl.fma is neither fused nor a multiply then an add: {out.item()!r}"
+    return out.item() == fused
+
+
+LERP_WEIGHTS = (0.1, 0.49, 0.5, 0.9, -0.3, 1.2)  # both branches (|alpha| < 0.5, >= 0.5), out-of-range weights
+
+
+@pytest.mark.cuda
+def test_tl_fma_rounds_once_on_a_gpu():
+    assert _tl_fma_rounds_once()
+
+
 def test_lerp_formula_matches_torch_lerp_bit_for_bit_in_float32():
-    # Both branches of torch.lerp's formula (|alpha| < 0.5 and >= 0.5) and out-of-range weights.
+    if not _tl_fma_rounds_once():  # the next test checks the formula there
+        pytest.skip(f"tl.fma rounds twice under triton {triton_backend.triton.__version__}'s interpreter "
+                    "(a GPU rounds once)")
     a, b = _randn((1, 3, 8, 8), torch.float32, DEVICE, 1), _randn((1, 3, 8, 8), torch.float32, DEVICE, 2)
-    for alpha in (0.1, 0.49, 0.5, 0.9, -0.3, 1.2):
+    for alpha in LERP_WEIGHTS:
         assert torch.equal(bl.blend(a, b, alpha, backend="triton"), torch.lerp(a, b, alpha)), alpha
+
+
+def test_lerp_formula_where_tl_fma_rounds_twice():
+    """Where ``tl.fma`` is a multiply then an add (triton 3.6's interpreter), the kernel is still
+    torch.lerp's formula: bit for bit the same formula with each fused multiply-add computed as a
+    float32 multiply then an add, and torch.lerp within float32 rounding."""
+    if _tl_fma_rounds_once():
+        pytest.skip("tl.fma rounds once here: the bit-for-bit torch.lerp test covers the formula")
+    a, b = _randn((1, 3, 8, 8), torch.float32, DEVICE, 1), _randn((1, 3, 8, 8), torch.float32, DEVICE, 2)
+    d = b - a
+    for alpha in LERP_WEIGHTS:
+        w = torch.tensor(alpha, dtype=torch.float32)
+        unfused = torch.where(w.abs() < 0.5, d * w + a, -d * (1 - w) + b)
+        got = bl.blend(a, b, alpha, backend="triton")
+        assert torch.equal(got, unfused), alpha
+        torch.testing.assert_close(got, torch.lerp(a, b, alpha), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("op", ["fade_in", "blend", "fade_reals"])

@@ -21,7 +21,8 @@ Backends:
 - ``triton``: the custom ops ``progan_fast::fade_in``, ``progan_fast::fade_in_backward`` and
   ``progan_fast::fade_reals``, each one pass over memory (kernels in ``ops/triton/fade_in.py``).
   The blend is torch.lerp's formula with its fused multiply-adds, so it is exact at alpha 0 and 1
-  and equals ``torch.lerp`` bit for bit on the CPU in float32. ``alpha`` is loaded by the kernels
+  and equals ``torch.lerp`` bit for bit in float32 wherever ``tl.fma`` rounds once (on GPUs and
+  under triton 3.9's interpreter; 3.6's computes it as a multiply then an add). ``alpha`` is loaded by the kernels
   from a 0-dim float32 tensor (float64 for float64 inputs), never passed by value, so a CUDA
   graph replays with whatever the tensor holds.
 - ``cpu`` / ``cuda``: the native library's ``progan_fast_native::`` twins of those ops, same

@@ -12,12 +12,13 @@ reads the weight in place (``[Cout, Cin]`` is K-contiguous): on ``[N, C, 1, 1]``
 GEMM; a 3x3 weight is permuted once per call to ``[k, k, Cin, Cout]`` so each tap's slab is
 Cout-contiguous.
 
-``tl.dot`` accumulates in fp32 (fp64 for fp64 inputs, for gradcheck; GPUs run fp64 dots on DMMA).
-fp32 inputs use ``input_precision="ieee"`` (Triton's default would be TF32, about 1e-3 relative
-error), so fp32 results match the reference within fp32 rounding, at FMA speed; bf16 / fp16 inputs
-use tensor cores. Under the interpreter every dot is done on fp32/fp64 operands (the
-interpreter's bf16 ``tl.dot`` returns garbage in triton 3.9). Offsets are int32: the op refuses
-tensors of 2**31 elements or more.
+``tl.dot`` accumulates in fp32. fp32 inputs use ``input_precision="ieee"`` (Triton's default
+would be TF32, about 1e-3 relative error), so fp32 results match the reference within fp32
+rounding, at FMA speed; bf16 / fp16 inputs use tensor cores. Under the interpreter every dot is
+done on fp32 operands (the interpreter's bf16 ``tl.dot`` returns garbage in triton 3.9). fp64
+inputs (gradcheck, and the GPU-vs-CPU tests) accumulate in fp64 without ``tl.dot``, which refuses
+an fp64 accumulator in triton 3.6: one input channel per step (``BLOCK_K = 1``), a rank-1 update
+of fp64 FMAs. Offsets are int32: the op refuses tensors of 2**31 elements or more.
 
 Backward (``_act_bwd_kernel``): ``g = lrelu'(pre) * pixel_norm'(grad)`` from the saved output
 (``y > 0`` exactly where ``pre > 0``; pixel norm's backward is ``r * (dy - y * mean_c(dy * y))``
@@ -79,7 +80,10 @@ if triton is not None:
                         mask=valid[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_ptr + t * stride_wt + ck[:, None] * stride_wc + offs_n[None, :] * stride_wo,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if IEEE:
+            if ACC == tl.float64:  # triton 3.6's tl.dot refuses a float64 accumulator: FMAs instead
+                tl.static_assert(BLOCK_K == 1)  # a [BLOCK_M, 1] x [1, BLOCK_N] product: a rank-1 update
+                acc += a.to(ACC) * b.to(ACC)
+            elif IEEE:
                 acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b.to(a.dtype), acc)
@@ -139,58 +143,71 @@ if triton is not None:
         keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K") if with_n else ("BLOCK_M", "BLOCK_K")
         return [triton.Config(dict(zip(keys, r[:len(keys)])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
 
-    # GPU configs, chosen so that none spills on sm_80 / sm_90 (tests/test_triton_kernel_report.py).
-    # fp32 uses input_precision="ieee" (an FMA dot that holds whole K slices in registers): small
-    # BLOCK_K. bf16 / fp16 use tensor cores. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
+    # GPU configs per kind of product (_product_kind), chosen so that none spills on sm_80 / sm_90
+    # with triton 3.6 or 3.9 (tests/test_triton_kernel_report.py; CI runs it on both).
+    # "ieee" (fp32): input_precision="ieee", an FMA dot that holds whole K slices in registers:
+    # small BLOCK_K (16, the smallest triton 3.6 accepts). "tensor_core" (bf16 / fp16): tensor cores.
+    # "fp64" (gradcheck and the GPU-vs-CPU tests, never training): rank-1 updates, BLOCK_K 1, one
+    # stage (with two, 64x64 spills on triton 3.9). (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
     _CONV_CONFIGS = {
-        True: _cfgs([(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2), (32, 64, 16, 4, 2),
-                     (64, 32, 16, 4, 2), (32, 32, 16, 4, 2), (128, 32, 16, 4, 2)]),
-        False: _cfgs([(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3),
-                      (64, 32, 32, 4, 3), (16, 128, 64, 4, 3), (128, 16, 32, 4, 3), (32, 32, 64, 4, 3)]),
+        "ieee": _cfgs([(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2), (32, 64, 16, 4, 2),
+                       (64, 32, 16, 4, 2), (32, 32, 16, 4, 2), (128, 32, 16, 4, 2)]),
+        "tensor_core": _cfgs([(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3),
+                              (64, 32, 32, 4, 3), (16, 128, 64, 4, 3), (128, 16, 32, 4, 3), (32, 32, 64, 4, 3)]),
+        "fp64": _cfgs([(64, 64, 1, 8, 1), (32, 64, 1, 4, 1)]),
     }
     # Fused pixel norm: BLOCK_N = next_pow2(Cout) is fixed by the wrapper; configs per BLOCK_N bucket
-    # (<= 128, 256, 512) as (BLOCK_M, BLOCK_K, warps, stages), keyed by IEEE.
+    # (<= 128, 256, 512) as (BLOCK_M, BLOCK_K, warps, stages), keyed by (kind, bucket). The widest
+    # fp32 tiles (64 x 256, 32 x 512: 64 accumulators a thread) run one stage: with a second one
+    # triton 3.6 spills them; 3.9 does not. The smaller BLOCK_M next to them keeps two stages and
+    # gives low resolutions more programs.
     _PN_BUCKETS = (128, 256, 512)
     _CONV_PN_CONFIGS = {
-        (True, 128): _cfgs([(64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)], with_n=False),
-        (True, 256): _cfgs([(64, 16, 8, 2), (32, 16, 8, 2)], with_n=False),
-        (True, 512): _cfgs([(32, 16, 8, 2), (16, 16, 8, 2)], with_n=False),
-        (False, 128): _cfgs([(64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 8, 3)], with_n=False),
-        (False, 256): _cfgs([(64, 32, 8, 3), (32, 32, 8, 3)], with_n=False),
-        (False, 512): _cfgs([(32, 32, 8, 3), (16, 32, 8, 3)], with_n=False),
+        ("ieee", 128): _cfgs([(64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)], with_n=False),
+        ("ieee", 256): _cfgs([(64, 16, 8, 1), (32, 16, 8, 2)], with_n=False),
+        ("ieee", 512): _cfgs([(32, 16, 8, 1), (16, 16, 8, 2)], with_n=False),
+        ("tensor_core", 128): _cfgs([(64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 8, 3)], with_n=False),
+        ("tensor_core", 256): _cfgs([(64, 32, 8, 3), (32, 32, 8, 3)], with_n=False),
+        ("tensor_core", 512): _cfgs([(32, 32, 8, 3), (16, 32, 8, 3)], with_n=False),
+        ("fp64", 128): _cfgs([(32, 1, 8, 1)], with_n=False),
+        ("fp64", 256): _cfgs([(16, 1, 8, 1)], with_n=False),
+        ("fp64", 512): _cfgs([(16, 1, 8, 1)], with_n=False),
     }
     _ACT_BWD_CONFIGS = [
         triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in [(8, 4), (16, 4), (32, 4), (32, 8)]
     ]
     _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM"]
-    _conv_fwd_tuned = {ieee: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for ieee, cfgs in _CONV_CONFIGS.items()}
+    _conv_fwd_tuned = {kind: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for kind, cfgs in _CONV_CONFIGS.items()}
     _conv_fwd_pn_tuned = {k: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for k, cfgs in _CONV_PN_CONFIGS.items()}
     _act_bwd_tuned = triton.autotune(_ACT_BWD_CONFIGS, key=["C", "P", "BLOCK_P", "ACTIVATION", "PIXEL_NORM"])(
         _act_bwd_kernel)
 
     def _aot_specs() -> list:
-        """Every compilation the kernel-report test checks (fp32 and bf16 activations): the 3x3
-        upsampling conv (the heaviest addressing) for every config, the 1x1 (dense) conv for the
-        unfused configs, the fused pixel norm at each bucket's widest BLOCK_N."""
+        """Every compilation the kernel-report test checks (fp32 and bf16 activations, and fp64 for
+        the forward's own fp64 path): the 3x3 upsampling conv (the heaviest addressing) for every
+        config, the 1x1 (dense) conv for the unfused configs, the fused pixel norm at each bucket's
+        widest BLOCK_N."""
         specs = []
         ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo")}
-        for dt in ("fp32", "bf16"):
-            ieee = dt == "fp32"
-            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": "*fp32",
+        for dt, kind in (("fp32", "ieee"), ("bf16", "tensor_core"), ("fp64", "fp64")):
+            acc, r_type = (tl.float64, "*fp64") if dt == "fp64" else (tl.float32, "*fp32")
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": r_type,
                    "scale": "fp32", **ints}
-            flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": ieee, "ACC": tl.float32}
+            flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc}
             for ksize, up in ((3, True), (1, False)):
-                for cfg in _CONV_CONFIGS[ieee]:
+                for cfg in _CONV_CONFIGS[kind]:
                     specs.append(AotSpec(
                         f"conv_fwd_k{ksize}:{dt}", _conv_fwd_kernel, sig,
                         {**flags, "KSIZE": ksize, "UPSAMPLE": up, "PIXEL_NORM": False, **cfg.kwargs},
                         cfg.num_warps, cfg.num_stages))
             for bucket in _PN_BUCKETS:
-                for cfg in _CONV_PN_CONFIGS[(ieee, bucket)]:
+                for cfg in _CONV_PN_CONFIGS[(kind, bucket)]:
                     specs.append(AotSpec(
                         f"conv_fwd_pn{bucket}:{dt}", _conv_fwd_kernel, sig,
                         {**flags, "KSIZE": 3, "UPSAMPLE": True, "PIXEL_NORM": True, "BLOCK_N": bucket, **cfg.kwargs},
                         cfg.num_warps, cfg.num_stages))
+            if dt == "fp64":  # the backward kernel has no fp64-only code
+                continue
             bsig = {"dy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": "*fp32", "g_ptr": f"*{dt}", "part_ptr": "*fp32",
                     "C": "i32", "P": "i32"}
             for cfg in _ACT_BWD_CONFIGS:
@@ -206,6 +223,14 @@ else:
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _product_kind(t: torch.Tensor) -> str:
+    """The forward kernel's product for inputs like ``t`` on a GPU, which selects its configs: fp64
+    rank-1 updates, an IEEE fp32 dot, or a tensor-core (bf16 / fp16) dot."""
+    if t.dtype == torch.float64:
+        return "fp64"
+    return "ieee" if t.dtype == torch.float32 else "tensor_core"
 
 
 def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -233,18 +258,19 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     flags = dict(KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
                  PIXEL_NORM=pixel_norm, IEEE=ieee, ACC=acc)
     block_n_pn = max(16, triton.next_power_of_2(cout))
+    kind = _product_kind(x)
     if on_interpreter(x):
         bm = min(128, max(16, triton.next_power_of_2(m)))
         bn = block_n_pn if pixel_norm else min(128, block_n_pn)
-        bk = min(64, max(16, triton.next_power_of_2(cin)))
+        bk = 1 if kind == "fp64" else min(64, max(16, triton.next_power_of_2(cin)))  # fp64: rank-1 updates
         _conv_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(cout, bn))](
             *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags)
     elif pixel_norm:
         bucket = next(b for b in _PN_BUCKETS if block_n_pn <= b)
-        _conv_fwd_pn_tuned[(ieee, bucket)][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 1)](
+        _conv_fwd_pn_tuned[(kind, bucket)][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 1)](
             *args, BLOCK_N=block_n_pn, **flags)
     else:
-        _conv_fwd_tuned[ieee][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))](
+        _conv_fwd_tuned[kind][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))](
             *args, **flags)
 
 
