@@ -34,7 +34,8 @@ from . import ops
 from .losses import LOSSES
 from .networks import NetworkConfig
 from .schedule import PAPER_BATCH
-from .step import GANState, Iteration
+from .gan_state import GANState
+from .step import Iteration
 
 PROG = "progan_fast.bench"
 

@@ -181,12 +181,11 @@ def end_process(code: int) -> NoReturn:
     the last reference to a finished collective is sometimes theirs. Releasing it frees the
     collective's tensors, which takes the GIL; if the main thread has begun finalizing by then,
     Python ends the worker thread inside C++ code that must not unwind, and the process aborts
-    with "terminate called without an active exception" after training succeeded. This hit one
-    2-rank CPU job in five here. The core dump shows ``ProcessGroupGloo::runLoop`` ->
-    ``~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``
-    (pytorch/pytorch#179291 describes the same). A barrier before leaving made it rarer (one job
-    in about sixty), not gone: the barrier's work holds the earlier collectives and is released
-    the same way.
+    with "terminate called without an active exception" after training succeeded. The core dump
+    shows ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` -> ``TensorImpl::decref_pyobject``
+    -> ``take_gil`` -> ``pthread_exit`` (pytorch/pytorch#179291 describes the same). A barrier
+    before leaving does not prevent it: the barrier's work holds the earlier collectives and is
+    released the same way.
 
     Every file the run wrote is closed by the time this is called, so the finalization has
     nothing left to do: flush the standard streams and ``_exit``.

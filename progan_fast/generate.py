@@ -19,7 +19,7 @@ import torch
 from .checkpoint import CheckpointError
 from .images import save_grid
 from .inference import load_generator
-from .trainer import UsageError, resolve_device
+from .cli import UsageError, resolve_device
 
 PROG = "progan_fast.generate"
 

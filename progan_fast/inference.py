@@ -15,9 +15,9 @@ import torch
 
 from . import data as datamod
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from .config import TrainConfig, load_data
 from .networks import Generator
 from .schedule import build_schedule
-from .trainer import TrainConfig, load_data
 
 #: Config keys without which a checkpoint's generator cannot be rebuilt.
 _REQUIRED = ("max_res", "latent_size", "fmap_base", "fmap_max", "kimg_per_phase", "batch")

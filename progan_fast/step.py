@@ -1,4 +1,4 @@
-"""One ProGAN training iteration, following the seeds' procedure.
+"""One ProGAN training iteration on a :class:`~progan_fast.gan_state.GANState`, following the seeds' procedure.
 
 1. D step: draw latents, generate fakes without tracking G, compute D's loss on the real batch and
    the fakes (plus the gradient penalty for ``wgan-gp``), one Adam step on D.
@@ -15,17 +15,14 @@ and the longest run of consecutive ones, and the trainer stops a run whose losse
 Nothing here reads the flag on the host. (The official code has no such guard; StyleGAN3 replaces
 non-finite gradients with numbers instead. Skipping keeps the last good weights.)
 
-Data parallel (``torchrun``): ``state.world`` says which rank this is. Each rank draws the global
-batch's latents and mixing factors and keeps its rows (:meth:`progan_fast.distributed.World.take`);
-``D_train`` and ``G_train`` are the networks wrapped in ``DistributedDataParallel``, which averages
-the gradients, so a skip caused by any rank's non-finite loss happens on every rank.
+Data parallel (``torchrun``): each rank draws the global batch's latents and mixing factors and
+keeps its rows (:meth:`progan_fast.distributed.World.take`); the D and G passes that train run
+through the ``DistributedDataParallel`` wrappers of the state, which average the gradients, so a
+skip caused by any rank's non-finite loss happens on every rank.
 
-Mixed precision (``--amp``): the forward passes run under ``torch.autocast`` (bf16 by default,
-fp16 on request); every op casts its activations to that dtype and accumulates in float32 (see
-:mod:`progan_fast.ops._amp`). D's outputs are cast to float32 before the losses, the gradient
-penalty's gradient and norm are float32, and the parameters (master weights), their gradients and
-Adam's state stay float32. fp16 adds dynamic loss scaling that never leaves the device
-(:class:`DeviceLossScaler`).
+Mixed precision (``--amp``): the forward passes run under the state's autocast; every op casts its
+activations to that dtype and accumulates in float32 (see :mod:`progan_fast.ops._amp`). D's outputs
+are cast to float32 before the losses, and the gradient penalty's gradient and norm are float32.
 
 :class:`Iteration` is the whole iteration on buffers whose addresses never change (the dataset or
 a batch buffer, a 0-dim alpha tensor, loss accumulators): the unit a CUDA graph captures. Its op
@@ -34,165 +31,16 @@ sequence and shapes do not depend on alpha or the data, and it never syncs with 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import losses, ops
-from .distributed import SINGLE, World
-from .profiling import nvtx_range
 from .data import to_float
-from .networks import Discriminator, Generator, NetworkConfig
+from .gan_state import DeviceLossScaler, GANState
 from .ops.common import Alpha
-
-ADAM_LR = 1e-3
-ADAM_BETAS = (0.0, 0.99)
-ADAM_EPS = 1e-8
-EMA_BETA = 0.999
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def make_adam(module: nn.Module, lr: float = ADAM_LR, fused: bool = False, capturable: bool = False) -> torch.optim.Adam:
-    """Adam with ProGAN's settings (lr 1e-3, betas (0, 0.99), eps 1e-8).
-
-    ``fused`` keeps the step count on the device and can skip an update on the device (fp16 loss
-    scaling hands it ``found_inf``), so a fused step never syncs with the host, on the CPU too;
-    ``capturable`` is what CUDA graph capture requires of any Adam. The trainer always uses the
-    fused Adam: only it can skip a non-finite step without a host sync (and on the CPU it measured
-    4.4x faster than the for-each Adam on the laptop-sized D).
-    """
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                            fused=fused or None, capturable=capturable)
-
-
-class DeviceLossScaler:
-    """Dynamic loss scaling for fp16 whose every decision happens on the device.
-
-    The same policy as ``torch.amp.GradScaler`` (start at 2**16, halve on an overflow, double after
-    2000 clean steps) without its host reads: the overflow check and unscale is one
-    ``_amp_foreach_non_finite_check_and_unscale_`` into a device flag, the fused Adam reads that
-    flag and leaves parameters, moments and step count untouched when it is set, and
-    ``_amp_update_scale_`` backs the scale off or grows it in place. So it works inside a CUDA graph.
-    """
-
-    def __init__(self, device: torch.device, init_scale: float = 2.0**16, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, growth_interval: int = 2000) -> None:
-        self.scale = torch.full((), init_scale, dtype=torch.float32, device=device)
-        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
-        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide the gradients by the scale, set ``found_inf`` if any is not finite, and tell the
-        (fused) optimizer to skip its step when it is."""
-        grads: dict[torch.dtype, list[torch.Tensor]] = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    grads.setdefault(p.grad.dtype, []).append(p.grad)
-        self.found_inf.zero_()
-        inv_scale = self.scale.reciprocal()
-        for same_dtype in grads.values():
-            torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, self.found_inf, inv_scale)
-        optimizer.grad_scale = None
-        optimizer.found_inf = self.found_inf
-
-    def update(self) -> None:
-        torch._amp_update_scale_(self.scale, self.growth_tracker, self.found_inf,
-                                 self.growth_factor, self.backoff_factor, self.growth_interval)
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale.detach().cpu(), "growth_tracker": self.growth_tracker.detach().cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale.copy_(state["scale"])
-        self.growth_tracker.copy_(state["growth_tracker"])
-
-
-@dataclass
-class GANState:
-    """Everything one training iteration reads and updates."""
-
-    config: NetworkConfig
-    G: Generator
-    D: Discriminator
-    G_ema: Generator
-    opt_G: torch.optim.Adam
-    opt_D: torch.optim.Adam
-    lr: float = ADAM_LR
-    ema_beta: float = EMA_BETA
-    loss: str = "nonsat"
-    amp_dtype: torch.dtype | None = None  # autocast dtype, None for float32
-    fused_adam: bool = True
-    capturable: bool = False
-    scaler_D: DeviceLossScaler | None = None  # fp16 only
-    scaler_G: DeviceLossScaler | None = None
-    world: World = SINGLE
-    D_train: nn.Module | None = None  # D or G wrapped in DistributedDataParallel, for the passes that
-    G_train: nn.Module | None = None  # train them (None: the plain networks)
-    found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
-
-    @classmethod
-    def create(cls, config: NetworkConfig, device: torch.device, loss: str = "nonsat", lr: float = ADAM_LR,
-               ema_beta: float = EMA_BETA, amp_dtype: torch.dtype | None = None, fused_adam: bool = True,
-               capturable: bool = False) -> GANState:
-        if loss not in losses.LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(losses.LOSSES)}")
-        if amp_dtype not in (None, *AMP_DTYPES.values()):
-            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, not {amp_dtype}")
-        fp16 = amp_dtype == torch.float16
-        fused_adam = fused_adam or fp16  # only the fused Adam can skip a step on the device
-        G = Generator(config).to(device)
-        D = Discriminator(config).to(device)
-        G_ema = Generator(config).to(device)
-        G_ema.load_state_dict(G.state_dict())
-        G_ema.requires_grad_(False)
-        return cls(config, G, D, G_ema, make_adam(G, lr, fused_adam, capturable), make_adam(D, lr, fused_adam, capturable),
-                   lr, ema_beta, loss, amp_dtype, fused_adam, capturable,
-                   DeviceLossScaler(device) if fp16 else None, DeviceLossScaler(device) if fp16 else None)
-
-    def wrap_data_parallel(self, world: World, device: torch.device, res: int, fading: bool) -> None:
-        """Wrap D and G in ``DistributedDataParallel`` for one phase of a multi-rank run (a no-op
-        for one rank); called at every phase start.
-
-        Each phase trains only some of the layers (the networks hold every resolution's), so the
-        wrappers are rebuilt per phase and told to ignore the others: DDP then all-reduces exactly
-        the gradients the phase produces, without ``find_unused_parameters``'s graph walk at every
-        step. DDP broadcasts rank 0's weights when it is built. The G step runs through the plain D
-        (frozen) and the D step's fakes come from the plain G, so a DDP module is only called in a
-        pass whose backward trains it, as DDP requires.
-        """
-        self.world = world
-        if not world.distributed:
-            return
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # The old wrappers must be gone before new ones hook the same parameters.
-        self.D_train = self.G_train = None
-        gc.collect()
-        ids = [device.index] if device.type == "cuda" else None
-        wrapped = []
-        for net in (self.D, self.G):
-            unused = {name for name, _ in net.named_parameters()} - net.parameters_used(res, fading)
-            DDP._set_params_and_buffers_to_ignore_for_model(net, sorted(unused))
-            wrapped.append(DDP(net, device_ids=ids))  # no buffers: nothing else to sync
-        self.D_train, self.G_train = wrapped
-
-    def reset_optimizers(self) -> None:
-        """Fresh Adam state (at every phase start, as the official code does)."""
-        self.opt_G = make_adam(self.G, self.lr, self.fused_adam, self.capturable)
-        self.opt_D = make_adam(self.D, self.lr, self.fused_adam, self.capturable)
-
-    def autocast(self, device_type: str):
-        """The autocast region of the forward passes (a no-op context without ``--amp``). Autocast's
-        weight cache is off: it must be under CUDA graph capture, and our ops do their own casts."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.amp_dtype, cache_enabled=False)
+from .profiling import nvtx_range
 
 
 def fade_reals(reals: torch.Tensor, alpha: Alpha | None) -> torch.Tensor:
@@ -221,7 +69,7 @@ def _backward_and_step(state: GANState, loss: torch.Tensor, net: str) -> torch.T
     NaN or inf would not have reached the gradients by itself (a loss term that is only added,
     say). The skip decision then reads the gradients alone. Under DDP these were already averaged
     over the ranks, so a NaN from any rank is in every rank's gradients and all ranks skip together,
-    with no collective of our own (one per optimizer step cost 8-15% of a 2-rank CPU step). In
+    with no collective of our own (which would cost a round trip per optimizer step). In
     fp16 the gradient check also catches the loss scaler's normal overflows; those are not counted
     as bad steps.
     """

@@ -18,10 +18,13 @@ from pathlib import Path
 
 from . import distributed, ops
 from .checkpoint import CheckpointError
+from .cli import TrainingDiverged, UsageError, resolve_device
+from .config import PRESETS, RunOptions, TrainConfig
 from .data import DataError
 from .losses import LOSSES
 from .profiling import parse_window
-from .trainer import PRESETS, PROFILE_SKIP_STEPS, RunOptions, Trainer, TrainConfig, TrainingDiverged, UsageError
+from .run_log import PROFILE_SKIP_STEPS
+from .trainer import Trainer
 
 PROG = "progan_fast.train"
 
@@ -233,8 +236,6 @@ def _error(world: distributed.World, e: Exception) -> None:
 def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) -> int:
     if world.distributed:
         # Join the process group first: the run folder's default name (a time stamp) is rank 0's.
-        from .trainer import resolve_device
-
         distributed.init(world, resolve_device(args.device, world))
     out = args.out
     if out is None:
@@ -264,17 +265,6 @@ def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) 
         max_skipped_steps=args.max_skipped_steps,
         resume_command=resume_command(argv, out, world),
     )
-    for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
-        if not getattr(options, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
-    if options.swd_kimg is not None and not options.swd_kimg > 0:
-        raise UsageError("--swd-kimg must be positive")
-    if options.swd_images < 2:
-        raise UsageError(f"--swd-images must be at least 2, not {options.swd_images}")
-    if options.keep_checkpoints < 1:
-        raise UsageError("--keep-checkpoints must be at least 1")
-    if world.is_main:
-        print(f"{PROG}: run folder {options.out}", file=sys.stderr)
     Trainer(config, options, log=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr), world=world).run()
     return 0
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from progan_fast import losses, ops, train
+from progan_fast.gan_state import DeviceLossScaler, GANState, make_adam
 from progan_fast.networks import Discriminator, Generator, NetworkConfig
-from progan_fast.step import DeviceLossScaler, GANState, make_adam, train_step
+from progan_fast.step import train_step
 
 from test_training import TINY, final_state, synthetic_images
 

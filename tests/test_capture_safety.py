@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from progan_fast.gan_state import GANState
 from progan_fast.networks import NetworkConfig
-from progan_fast.step import GANState, Iteration, fade_reals, train_step
+from progan_fast.step import Iteration, fade_reals, train_step
 
 from test_training import synthetic_images
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from progan_fast import ops, train
+from progan_fast.config import RunOptions, TrainConfig
+from progan_fast.gan_state import GANState
 from progan_fast.graphs import StageGraphs
 from progan_fast.networks import NetworkConfig
-from progan_fast.step import GANState, Iteration
-from progan_fast.trainer import RunOptions, Trainer, TrainConfig
+from progan_fast.step import Iteration
+from progan_fast.trainer import Trainer
 
 from test_training import TINY, final_state, synthetic_images
 

@@ -1,4 +1,4 @@
-"""Tests for progan_fast.data (images are generated on the fly with Pillow)."""
+"""Tests for progan_fast.data and progan_fast.image_folder (images are generated on the fly with Pillow)."""
 from __future__ import annotations
 
 import os
@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image, features
 
-from progan_fast import data
+from progan_fast import data, image_folder
 from progan_fast.data import (
     DataError,
     check_resolution,
     load_default_dataset,
-    load_image_folder,
     to_float,
 )
+from progan_fast.image_folder import load_image_folder
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
@@ -372,12 +372,12 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
     files = list(cache.glob("*.pt"))
     assert len(files) == 1 and not list(cache.glob(".tmp*"))
 
-    real_decode = data._decode_image
+    real_decode = image_folder._decode_image
 
     def boom(*a, **k):
         raise AssertionError("decoder must not run when the cache is valid")
 
-    monkeypatch.setattr(data, "_decode_image", boom)
+    monkeypatch.setattr(image_folder, "_decode_image", boom)
     second = load(folder, cache_dir=cache)
     assert second.from_cache and second.summary == first.summary and second.source == first.source
     assert sorted(second.levels) == sorted(first.levels)
@@ -386,7 +386,7 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
     assert second.fingerprint() == first.fingerprint()
 
     # A different max_res gets its own key.
-    monkeypatch.setattr(data, "_decode_image", real_decode)
+    monkeypatch.setattr(image_folder, "_decode_image", real_decode)
     assert not load(folder, max_res=4, cache_dir=cache).from_cache
 
     # Changing a file (same name, same size, new mtime) invalidates the cache.
@@ -401,7 +401,7 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
         calls.append(a)
         return real_decode(*a, **k)
 
-    monkeypatch.setattr(data, "_decode_image", counting)
+    monkeypatch.setattr(image_folder, "_decode_image", counting)
     third = load(folder, cache_dir=cache)
     assert not third.from_cache and len(calls) == 3
     assert pixel(third, 1) == BLUE
@@ -423,7 +423,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     again = load(folder, cache_dir=cache)
     assert not again.from_cache and torch.equal(again.at(8), first.at(8))
     # ... and the rebuilt file is valid again.
-    monkeypatch.setattr(data, "_decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
+    monkeypatch.setattr(image_folder, "_decode_image", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
     assert load(folder, cache_dir=cache).from_cache
     # A well-formed torch file with the wrong content is ignored too.
     torch.save({"format": "something else"}, cache_file)

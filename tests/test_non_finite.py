@@ -10,8 +10,9 @@ import torch
 from nan_train import poison
 from progan_fast import train
 from progan_fast.checkpoint import list_checkpoints, load_checkpoint
+from progan_fast.gan_state import GANState
 from progan_fast.networks import NetworkConfig
-from progan_fast.step import GANState, Iteration
+from progan_fast.step import Iteration
 from test_training import TINY, synthetic_images
 
 CFG = NetworkConfig(max_res=8, latent_size=16, fmap_base=64, fmap_max=16)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from progan_fast import profiling, train
+from progan_fast.gan_state import GANState
 from progan_fast.networks import NetworkConfig
-from progan_fast.step import GANState, Iteration
+from progan_fast.step import Iteration
 
 from test_training import TINY, final_state, synthetic_images
 

@@ -7,8 +7,9 @@ import torch
 
 from progan_fast import train
 from progan_fast.checkpoint import list_checkpoints, load_checkpoint
+from progan_fast.gan_state import GANState
 from progan_fast.networks import NetworkConfig
-from progan_fast.step import GANState, fade_reals, train_step
+from progan_fast.step import fade_reals, train_step
 
 TINY = ["--max-res", "8", "--kimg-per-phase", "0.1", "--batch", "8", "--fmap-base", "64", "--fmap-max", "16",
         "--latent-size", "16", "--no-progress", "--no-tensorboard", "--log-kimg", "0.05"]
@@ -134,7 +135,9 @@ def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_refused(tmp_p
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    from progan_fast.trainer import RunOptions, Trainer, TrainConfig, TrainingDiverged
+    from progan_fast.cli import TrainingDiverged
+    from progan_fast.config import RunOptions, TrainConfig
+    from progan_fast.trainer import Trainer
 
     out = tmp_path / "run"
     assert train.main(TINY + ["--out", str(out), "--stop-after-kimg", "0.05"]) == 0

@@ -11,8 +11,9 @@ import torch
 from progan_fast import ops, train
 from progan_fast.checkpoint import list_checkpoints, load_checkpoint
 from progan_fast.data import load_default_dataset, to_float
+from progan_fast.gan_state import GANState
 from progan_fast.networks import NetworkConfig
-from progan_fast.step import GANState, fade_reals, train_step
+from progan_fast.step import fade_reals, train_step
 
 CFG = NetworkConfig(max_res=8, latent_size=8, fmap_base=24, fmap_max=6)
 STEPS = [(4, None), (8, 0.0), (8, 0.5), (8, None)]  # 4x4, a fade (alpha as float and tensor), 8x8

@@ -1,0 +1,30 @@
+"""What the command lines share: the two errors they report, and ``--device``.
+
+Each CLI (``train``, ``generate``, ``metrics``) catches these and prints one line
+``PROG: error: MESSAGE`` with no traceback. They live down here, below the trainer and the run
+folder that raise them, so that every module can raise them without importing a CLI.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import distributed
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; ``str(e)`` is the one-line message (exit code 2)."""
+
+
+class TrainingDiverged(Exception):
+    """Losses became non-finite; nothing non-finite was checkpointed (exit code 1)."""
+
+
+def resolve_device(name: str, world: distributed.World = distributed.SINGLE) -> torch.device:
+    """``--device`` for this rank (``cuda:LOCAL_RANK`` under torchrun)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    try:
+        return distributed.device_for(world, name)
+    except distributed.DistributedError as e:
+        raise UsageError(str(e)) from None

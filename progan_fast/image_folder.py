@@ -1,0 +1,279 @@
+"""Image folders: every image under a folder, decoded once into the resolution pyramid, and cached.
+
+:func:`load_image_folder` scans the folder (recursively; png, jpg, webp, bmp), decodes the files on
+a few threads (centre crop to square, Lanczos resize to ``max_res``; alpha composited over white,
+16-bit scaled to 8-bit), skips and counts the files it cannot use, and builds the pyramid with
+:func:`progan_fast.data.build_pyramid`. The decoded pyramid is cached in a file keyed on the
+folder's names, sizes and mtimes, written atomically and memory-mapped when read back.
+
+Depends on :mod:`progan_fast.data` and on torch, numpy, Pillow and tqdm, nothing else of the package.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .data import MIN_RES, DataError, ImageDataset, build_pyramid, check_resolution, plural
+
+__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# Bump when the decoding / pyramid pipeline changes, so old cache files are not reused.
+_CACHE_FORMAT = "progan_fast.data.cache/2"
+
+_HUGE = "too large to decode safely"  # summary wording for decompression bombs
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    """Any Pillow image -> uint8 [H, W, 3]; alpha composited over white,
+    16-bit scaled (x / 257) to 8-bit."""
+    mode = img.mode
+    if mode in _16BIT_MODES:
+        a = np.asarray(img).astype(np.float32)
+        a = np.rint(a / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if mode == "F":
+        a = np.rint(np.asarray(img, dtype=np.float32)).clip(0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:4] / 255.0
+        out = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.rint(out).clip(0, 255).astype(np.uint8)
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_image(path: str, max_res: int):
+    """Decode one file -> ("ok", uint8 [3, R, R], (w, h)) | ("small", None, (w, h)) |
+    ("huge", None, error message) | ("unreadable", None, error message).  Never raises for bad files.
+
+    "huge": more pixels than twice ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb, or a header
+    that claims such a size); Pillow refuses these from the header alone, before decoding."""
+    try:
+        with Image.open(path) as img:
+            w0, h0 = img.size
+            if img.format == "JPEG" and min(w0, h0) >= 4 * max_res:
+                # DCT-domain downscale by 2/4/8 while keeping >= 2*max_res on the short side.
+                img.draft(None, (2 * max_res, 2 * max_res))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            w, h = img.size
+            if min(w, h) < max_res:
+                return "small", None, (w, h)
+            s = min(w, h)
+            left, top = (w - s) // 2, (h - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+            rgb = _to_rgb_array(img)
+            if rgb.shape[0] != max_res:
+                rgb = np.asarray(Image.fromarray(rgb, "RGB").resize((max_res, max_res), Image.LANCZOS))
+            return "ok", np.ascontiguousarray(rgb.transpose(2, 0, 1)), (w, h)
+    except MemoryError:
+        raise
+    except Image.DecompressionBombError as e:
+        return "huge", None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    except Exception as e:  # unreadable: zero-byte, truncated, not an image, bomb, bad EXIF, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return "unreadable", None, msg
+
+
+def _scan(root: Path):
+    """Sorted relative posix paths of image files under root, with os.stat results."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                full = os.path.join(dirpath, name)
+                rel = Path(os.path.relpath(full, root)).as_posix()
+                found.append(rel)
+    found.sort()
+    return found
+
+
+def _cache_paths(root: Path, rels: list, max_res: int, cache_dir: Path):
+    h = hashlib.sha1()
+    h.update(_CACHE_FORMAT.encode())
+    h.update(f"\0{max_res}\0{root}\0".encode())
+    for rel in rels:
+        try:
+            st = os.stat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}\0missing\n".encode())
+    key = h.hexdigest()[:24]
+    folder_tag = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    prefix = f"progan_data_{folder_tag}_{max_res}px_"
+    return cache_dir / f"{prefix}{key}.pt", prefix
+
+
+def _read_cache(path: Path, max_res: int):
+    if not path.is_file():
+        return None
+    try:
+        # Memory-mapped: the levels are read from the file as batches touch them, and the ranks of a
+        # torchrun job share one copy in the page cache instead of holding one each.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(obj, dict) or obj.get("format") != _CACHE_FORMAT or obj.get("max_res") != max_res:
+            return None
+        levels = obj["levels"]
+        n = int(obj["num_images"])
+        expected = [2 ** k for k in range(2, max_res.bit_length()) if 2 ** k <= max_res]
+        if sorted(levels) != expected:
+            return None
+        for r, t in levels.items():
+            if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (n, 3, r, r)):
+                return None
+        levels = {r: levels[r].contiguous() for r in expected}
+        return levels, str(obj["source"]), str(obj["summary"])
+    except Exception:  # corrupt / truncated / foreign file: ignore and rebuild
+        return None
+
+
+def _write_cache(path: Path, prefix: str, levels: dict, source: str, summary: str, max_res: int) -> None:
+    obj = {
+        "format": _CACHE_FORMAT,
+        "max_res": max_res,
+        "num_images": int(levels[max_res].shape[0]),
+        "source": source,
+        "summary": summary,
+        "levels": levels,
+    }
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
+        os.replace(tmp_name, path)
+        tmp_name = None
+        # Remove stale caches of the same folder at the same resolution.
+        for old in path.parent.glob(prefix + "*.pt"):
+            if old != path:
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+    except OSError as e:
+        warnings.warn(f"could not write the data cache {path}: {e}", RuntimeWarning, stacklevel=3)
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def load_image_folder(
+    path: Union[str, os.PathLike],
+    max_res: int,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    progress: bool = True,
+) -> ImageDataset:
+    """Load every image under ``path`` (recursively) into a resolution pyramid.
+
+    Images are centre-cropped to square and resized to ``max_res`` with Lanczos;
+    images whose shorter side is below ``max_res`` and unreadable files are
+    skipped and counted in ``summary``.  With ``cache_dir``, the decoded pyramid
+    is stored there and reused while the folder's files (names, sizes, mtimes)
+    are unchanged.
+    """
+    check_resolution(max_res)
+    max_res = int(max_res)
+    root_given = Path(path)
+    if not root_given.exists():
+        raise DataError(f"data folder {root_given} does not exist")
+    if not root_given.is_dir():
+        raise DataError(f"data path {root_given} is not a directory")
+    root = root_given.resolve()
+    rels = _scan(root)
+    if not rels:
+        raise DataError(
+            f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in {root_given}"
+        )
+
+    cache_file = prefix = None
+    if cache_dir is not None:
+        cache_file, prefix = _cache_paths(root, rels, max_res, Path(cache_dir))
+        cached = _read_cache(cache_file, max_res)
+        if cached is not None:
+            levels, source, summary = cached
+            return ImageDataset(levels=levels, source=source, summary=summary, from_cache=True)
+
+    n_files = len(rels)
+    out = np.empty((n_files, 3, max_res, max_res), dtype=np.uint8)
+    count = 0
+    unreadable = []  # (rel, message)
+    small = []  # (rel, (w, h))
+    huge = []  # (rel, message): over Pillow's decompression-bomb limit
+    workers = max(1, min(8, os.cpu_count() or 1))
+    paths = [str(root / rel) for rel in rels]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_decode_image, paths, [max_res] * n_files)
+        for rel, (status, arr, info) in tqdm(
+            zip(rels, results), total=n_files, desc="decoding images", unit="img",
+            disable=None if progress else True, leave=False,
+        ):
+            if status == "ok":
+                out[count] = arr
+                count += 1
+            elif status == "small":
+                small.append((rel, info))
+            elif status == "huge":
+                huge.append((rel, info))
+            else:
+                unreadable.append((rel, info))
+
+    if count == 0:
+        if small:
+            bw, bh = max((wh for _, wh in small), key=lambda wh: (min(wh), wh[0] * wh[1]))
+            fit = 1 << (min(bw, bh).bit_length() - 1)
+            hint = f"; use --max-res {fit} or lower" if fit >= MIN_RES else ""
+            raise DataError(
+                f"--max-res {max_res} is too large for the data in {root_given}: "
+                f"the largest usable image is {bw}x{bh}{hint}"
+            )
+        bad = unreadable + huge
+        example = f" (e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""
+        too_big = f", {len(huge):,} {_HUGE}" if huge else ""
+        raise DataError(
+            f"no readable image in {root_given}: found {plural(n_files, 'image file')}, "
+            f"{len(unreadable):,} unreadable{too_big}{example}"
+        )
+
+    if count < n_files:
+        out.resize((count, 3, max_res, max_res), refcheck=False)  # shrink in place, no copy
+    top = torch.from_numpy(out)
+    levels = build_pyramid(top)
+
+    skipped = []
+    if unreadable:
+        skipped.append(f"{len(unreadable):,} unreadable")
+    if huge:
+        skipped.append(f"{len(huge):,} {_HUGE}")
+    if small:
+        skipped.append(f"{len(small):,} smaller than {max_res}px")
+    summary = f"loaded {plural(count, 'image')} from {root_given}"
+    if skipped:
+        summary += f" (skipped: {', '.join(skipped)})"
+    source = str(root_given)
+    if cache_file is not None:
+        _write_cache(cache_file, prefix, levels, source, summary, max_res)
+    return ImageDataset(levels=levels, source=source, summary=summary)
