@@ -181,6 +181,7 @@ def test_gradgradcheck(name):
 def test_unknown_or_missing_backend_is_a_clear_error():
     with pytest.raises(ops.BackendUnavailableError, match="unknown backend 'nope'"):
         ops.set_default_backend("nope")
+    # CPU tensors never run on the cuda backend, whether or not CUDA kernels were built here
     with pytest.raises(ops.BackendUnavailableError, match="pixel_norm: backend 'cuda' is not available"):
         ops.pixel_norm(torch.zeros(1, 2, 2, 2), backend="cuda")
     # auto on the CPU is the reference, which the bench measured faster for a whole step than the twins
@@ -212,3 +213,50 @@ def test_the_ops_import_and_run_without_the_triton_package():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_backends_are_strict_about_devices():
+    """The native library registers one op for CPU and CUDA; the backend name must still mean the device."""
+    from progan_fast.ops import _backend
+
+    x = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ops.BackendUnavailableError, match="pixel_norm: backend 'cuda' is not available"):
+        ops.pixel_norm(x, backend="cuda")  # where the CUDA kernels exist too: the device check refuses it
+    # the device check itself, whatever was built here
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' is not available for CPU tensors"):
+        _backend.check_devices("pixel_norm", "cuda", (x,))
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cpu' is not available for CUDA tensors"):
+        _backend.check_devices("pixel_norm", "cpu", (_FakeCuda(),))
+    _backend.check_devices("pixel_norm", "reference", (x,))  # the reference computes anywhere
+    _backend.check_devices("blend", "cuda", (_FakeCuda(), _FakeCuda(), torch.tensor(0.5)))  # 0-dim alpha anywhere
+    if not _triton_interprets():
+        with pytest.raises(ops.BackendUnavailableError, match="computes only CUDA tensors"):
+            ops.pixel_norm(x, backend="triton")
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cpu' is not available on the cuda device"):
+        ops.set_default_backend("cpu", "cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' is not available on the cpu device"):
+        ops.set_default_backend("cuda", "cpu")
+    if torch.cuda.is_available() and "cpu" in ops.all_op_implementations()["pixel_norm"]:
+        with pytest.raises(ops.BackendUnavailableError, match="computes only CPU tensors"):
+            ops.pixel_norm(x.cuda(), backend="cpu")
+    # alpha, a 0-dim tensor, may live anywhere; the activations decide
+    if "cpu" in ops.all_op_implementations()["blend"]:
+        torch.testing.assert_close(ops.blend(x, x + 1, torch.tensor(0.5), backend="cpu"), x + 0.5)
+
+
+class _FakeCuda(torch.Tensor):
+    """A tensor that says it is on a CUDA device, for the device check on a machine without one."""
+
+    @staticmethod
+    def __new__(cls):
+        return torch.Tensor._make_subclass(cls, torch.zeros(1, 2, 2, 2))
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _triton_interprets() -> bool:
+    from progan_fast.ops import triton as triton_backend
+
+    return triton_backend.INTERPRETER

@@ -16,7 +16,8 @@ from . import downsample2x as _downsample2x_module
 from . import fade_in as _fade_in_module
 from . import minibatch_stddev as _mbstd_module
 from . import pixel_norm as _pixel_norm_module
-from ._backend import BackendUnavailableError, KNOWN_BACKENDS, get_default_backend, set_default_backend
+from . import _backend
+from ._backend import BackendUnavailableError, KNOWN_BACKENDS, get_default_backend
 from .blend import blend
 from .conv_act import conv2d_bias_lrelu
 from .downsample2x import downsample2x
@@ -36,6 +37,13 @@ def all_op_implementations() -> dict[str, dict]:
         "downsample2x": _downsample2x_module.IMPLEMENTATIONS,
         "fade_reals": _fade_in_module.FADE_REALS_IMPLEMENTATIONS,
     }
+
+
+def set_default_backend(name: str, device_type: str = "cpu") -> str:
+    """Set the backend every op uses when called with ``backend=None`` (the trainer's ``--backend``)
+    for tensors on ``device_type``; returns the resolved name (``auto`` resolves to one). Raises
+    :class:`BackendUnavailableError` when an op lacks it or it does not compute on that device."""
+    return _backend.set_default_backend(name, device_type, all_op_implementations())
 
 
 __all__ = [
