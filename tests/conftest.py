@@ -20,6 +20,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _exact_fp32_convolutions():
+    """Tests compare fp32 results at fp32 tolerances, so on a GPU every fp32 conv runs exact
+    (PyTorch's default lets cuDNN convs, and so by our one policy the Triton conv, use TF32;
+    see progan_fast.ops.common.fp32_conv_uses_tf32). A test of TF32 itself sets it back."""
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    yield
+    conv.fp32_precision = saved
+
+
+@pytest.fixture(autouse=True)
 def _reference_backend():
     """Every test starts (and leaves) the process-wide op backend at the reference."""
     from progan_fast import ops

@@ -220,3 +220,151 @@ def test_gradgradcheck_on_gpu():
     fn = lambda x, w, b: ca.triton_impl(x, w, b, 0.3)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+# ----- the fp32 precision policy ---------------------------------------------------------------
+
+@pytest.fixture
+def restore_precision():
+    levels = (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends)
+    saved = [level.fp32_precision for level in levels]
+    yield levels
+    for level, value in zip(levels, saved):
+        level.fp32_precision = value
+
+
+def test_the_fp32_policy_follows_pytorchs_cudnn_conv_switch(restore_precision):
+    from progan_fast.ops.common import fp32_conv_uses_tf32
+    from progan_fast.ops.triton.conv_act import product_kind
+
+    conv, cudnn, generic = restore_precision
+    conv.fp32_precision, cudnn.fp32_precision, generic.fp32_precision = "tf32", "none", "none"
+    assert fp32_conv_uses_tf32()
+    conv.fp32_precision = "ieee"
+    assert not fp32_conv_uses_tf32()
+    conv.fp32_precision = "none"  # defers to cuDNN's, then the generic setting, as PyTorch does
+    assert not fp32_conv_uses_tf32()
+    cudnn.fp32_precision = "tf32"
+    assert fp32_conv_uses_tf32()
+    cudnn.fp32_precision, generic.fp32_precision = "none", "tf32"
+    assert fp32_conv_uses_tf32()
+    torch.backends.cudnn.allow_tf32 = False  # the legacy switch lands on the same flag
+    generic.fp32_precision = "none"
+    assert not fp32_conv_uses_tf32()
+    # the Triton kernel's product follows it for CUDA tensors; CPU (interpreter) convs are exact
+    conv.fp32_precision = "tf32"
+    assert product_kind(torch.empty(1)) == "ieee"
+    assert product_kind(torch.empty(1, dtype=torch.float64)) == "fp64"
+    assert product_kind(torch.empty(1, dtype=torch.bfloat16)) == "tensor_core"
+    fake_cuda = torch.empty(1, device="meta")
+    fake_cuda.__class__ = _OnCuda
+    assert product_kind(fake_cuda) == "tf32"
+    conv.fp32_precision = "ieee"
+    assert product_kind(fake_cuda) == "ieee"
+
+
+class _OnCuda(torch.Tensor):
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_precision_policy_on_gpu(tf32, restore_precision):
+    """With TF32 allowed every conv of the op (forward in Triton, backward in cuDNN) runs TF32 and
+    stays within TF32's error; with it refused, every conv is exact to fp32 rounding."""
+    restore_precision[0].fp32_precision = "tf32" if tf32 else "ieee"
+    from progan_fast.ops.triton.conv_act import product_kind
+
+    x, w, b, opts = _make(CASES["3x3"], torch.float32)
+    x, w = torch.randn(4, 64, 16, 16, device="cuda"), torch.randn(64, 64, 3, 3, device="cuda")
+    b = torch.randn(64, device="cuda")
+    assert product_kind(x) == ("tf32" if tf32 else "ieee")
+    _check_against_reference(x, w, b, opts, 2 ** 0.5 / (64 * 9) ** 0.5, 5e-3 if tf32 else 4e-5)
+
+
+# ----- the GPU tile paths, under the interpreter ------------------------------------------------
+# Under the interpreter the launcher picks one tile covering each test case, so the K loop over
+# channel chunks, several output-channel tiles, partial M tiles and the GPU configs would never
+# run. These tests take the GPU path (the autotuned launch) with one config at a time, on shapes
+# that need several tiles in every direction: Cin > BLOCK_K, Cout > BLOCK_N, M % BLOCK_M != 0.
+# (Under the interpreter the dot is always computed on fp32 operands: the tensor-core and TF32
+# configs' tiling is checked here, their arithmetic only on a GPU.)
+
+if "triton" in ca.IMPLEMENTATIONS and not torch.cuda.is_available():
+    from progan_fast.ops.triton import conv_act as tca
+
+    _ALL_CONV_CONFIGS = [(kind, None, cfg) for kind, cfgs in tca._CONV_CONFIGS.items() for cfg in cfgs] + \
+        [(kind, bucket, cfg) for (kind, bucket), cfgs in tca._CONV_PN_CONFIGS.items() for cfg in cfgs]
+else:
+    _ALL_CONV_CONFIGS = []
+
+
+def _config_id(entry):
+    kind, bucket, cfg = entry
+    return f"{kind}{'-pn' + str(bucket) if bucket else ''}-" + "x".join(str(v) for v in cfg.kwargs.values())
+
+
+@pytest.fixture
+def gpu_launch_path(monkeypatch):
+    """Make the launcher take its GPU path (the autotuned kernels) on CPU tensors; returns a
+    function that restricts an autotuner to one config (one config is launched without timing)."""
+    monkeypatch.setattr(tca, "on_interpreter", lambda t: False)
+
+    def only(tuned, cfg):
+        monkeypatch.setattr(tuned, "configs", [cfg])
+        monkeypatch.setattr(tuned, "cache", {})
+
+    return only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
+@pytest.mark.parametrize("entry", _ALL_CONV_CONFIGS, ids=_config_id)
+def test_every_forward_config_on_several_tiles(entry, gpu_launch_path):
+    kind, bucket, cfg = entry
+    dtype = torch.float64 if kind == "fp64" else torch.float32
+    launched = "fp64" if kind == "fp64" else "ieee"  # what CPU tensors launch: the config is run through it
+    bk = cfg.kwargs["BLOCK_K"]
+    cin = 2 * bk + 3 if bk > 1 else 5  # two whole channel chunks and a partial one
+    if bucket is None:
+        cout = cfg.kwargs["BLOCK_N"] + 5  # a second, partial output-channel tile
+        opts = dict(activation=True, upsample=True, pixel_norm=False)
+        tuned = tca._conv_fwd_tuned[launched]
+    else:
+        cout = bucket // 2 + 3  # fused pixel norm: one tile of next_pow2(Cout) == bucket channels
+        opts = dict(activation=True, upsample=True, pixel_norm=True)
+        tuned = tca._conv_fwd_pn_tuned[(launched, bucket)]
+    gpu_launch_path(tuned, cfg)
+    m_tile = cfg.kwargs["BLOCK_M"]
+    n, h = 1, 3  # M = 1 * 6 * 6 = 36 output pixels: not a multiple of any BLOCK_M
+    assert (n * 4 * h * h) % m_tile != 0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, cin, h, h, generator=g, dtype=dtype)
+    w = torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(cout, generator=g, dtype=dtype)
+    y, _ = torch.ops.progan_fast.conv2d_bias_lrelu(x, w, b, 0.1, **opts)
+    want = ca.reference(x.double(), w.double(), b.double(), 0.1, **opts)
+    assert _rel_err(y, want) <= (1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
+@pytest.mark.parametrize("cfg", tca._ACT_BWD_CONFIGS if _ALL_CONV_CONFIGS else [], ids=lambda c: str(c.kwargs))
+def test_every_backward_config_on_several_tiles(cfg, gpu_launch_path):
+    gpu_launch_path(tca._act_bwd_tuned, cfg)
+    cout = 2 * cfg.kwargs["BLOCK_C"] + 3  # several channel blocks and a partial one
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64)  # 120 pixels: a partial BLOCK_P of 128
+    w = torch.randn(cout, 4, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    x = x.requires_grad_()
+    w, bias = w.requires_grad_(), bias.requires_grad_()
+    xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, bias))
+    opts = dict(activation=True, upsample=False, pixel_norm=True)
+    y = ca.conv2d_bias_lrelu(x, w, bias, 0.2, **opts, backend="triton")
+    yr = ca.reference(xr, wr, br, 0.2, **opts)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    yr.backward(gy)
+    for got, want in ((x.grad, xr.grad), (w.grad, wr.grad), (bias.grad, br.grad)):
+        assert _rel_err(got, want) <= 1e-10

@@ -8,6 +8,7 @@
   official ``upscale2d`` and ``downscale2d``). The fade-in references build on them, and so does
   ``conv_act`` (its ``upsample`` option); ``downsample2x_reference`` is also the ``downsample2x``
   op's reference.
+- :func:`fp32_conv_uses_tf32`: the one fp32 precision policy of every convolution (see there).
 """
 
 from __future__ import annotations
@@ -49,3 +50,23 @@ def upsample2x_reference(x: torch.Tensor) -> torch.Tensor:
 def downsample2x_reference(x: torch.Tensor) -> torch.Tensor:
     """2x2 average pool of an ``[N, C, H, W]`` tensor (an odd last row/column is ignored)."""
     return F.avg_pool2d(x, kernel_size=2)
+
+
+def fp32_conv_uses_tf32() -> bool:
+    """Whether float32 convolutions on CUDA may use TF32 tensor cores: PyTorch's own switch for
+    cuDNN, which every backend follows, forward, backward and double backward alike.
+
+    The reference and the native backends run ATen convolutions, so cuDNN applies the switch to
+    them; the Triton forward kernel reads it here and picks a TF32 or an exact (IEEE) dot; the
+    Triton backward and double backward are ATen convolutions again. So one setting decides every
+    fp32 conv of a run: ``torch.backends.cudnn.conv.fp32_precision = "ieee"`` (or the legacy
+    ``torch.backends.cudnn.allow_tf32 = False``) makes every conv exact, ``"tf32"`` (PyTorch's
+    default) lets every one use TF32. "none" defers, as in PyTorch, to
+    ``torch.backends.cudnn.fp32_precision`` and then ``torch.backends.fp32_precision``, and means
+    exact when every level says "none". CPU convolutions are always exact.
+    """
+    for level in (torch.backends.cudnn.conv, torch.backends.cudnn, torch.backends):
+        value = level.fp32_precision
+        if value != "none":
+            return value == "tf32"
+    return False

@@ -12,9 +12,11 @@ reads the weight in place (``[Cout, Cin]`` is K-contiguous): on ``[N, C, 1, 1]``
 GEMM; a 3x3 weight is permuted once per call to ``[k, k, Cin, Cout]`` so each tap's slab is
 Cout-contiguous.
 
-``tl.dot`` accumulates in fp32. fp32 inputs use ``input_precision="ieee"`` (Triton's default
-would be TF32, about 1e-3 relative error), so fp32 results match the reference within fp32
-rounding, at FMA speed; bf16 / fp16 inputs use tensor cores. Under the interpreter every dot is
+``tl.dot`` accumulates in fp32. fp32 inputs follow the project's one fp32 conv precision policy,
+PyTorch's cuDNN switch (:func:`progan_fast.ops.common.fp32_conv_uses_tf32`): TF32 tensor cores
+(``input_precision="tf32"``, about 1e-3 relative error, like cuDNN's TF32 convs) where PyTorch
+allows TF32 for convolutions (its default), an exact FMA dot (``"ieee"``) that matches the
+reference within fp32 rounding where it does not; bf16 / fp16 inputs use tensor cores. Under the interpreter every dot is
 done on fp32 operands (the interpreter's bf16 ``tl.dot`` returns garbage in triton 3.9). fp64
 inputs (gradcheck, and the GPU-vs-CPU tests) accumulate in fp64 without ``tl.dot``, which refuses
 an fp64 accumulator in triton 3.6: one input channel per step (``BLOCK_K = 1``), a rank-1 update
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import fp32_conv_uses_tf32
 from . import AotSpec, compute_dtype, on_interpreter, tl, triton
 
 #: Largest Cout whose pixel norm the forward kernel fuses (one program's BLOCK_N covers every
@@ -44,7 +47,7 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, scale,
         M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo,
         KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-        PIXEL_NORM: tl.constexpr, IEEE: tl.constexpr,
+        PIXEL_NORM: tl.constexpr, IEEE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
     ):
         """Implicit GEMM: rows = output pixels (n, oh, ow), columns = Cout, K = (tap, Cin)."""
@@ -83,8 +86,8 @@ if triton is not None:
             if ACC == tl.float64:  # triton 3.6's tl.dot refuses a float64 accumulator: FMAs instead
                 tl.static_assert(BLOCK_K == 1)  # a [BLOCK_M, 1] x [1, BLOCK_N] product: a rank-1 update
                 acc += a.to(ACC) * b.to(ACC)
-            elif IEEE:
-                acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee")
+            elif IEEE:  # fp32 operands: "ieee" (exact FMAs) or "tf32" (tensor cores), by policy
+                acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision=DOT_PRECISION)
             else:
                 acc = tl.dot(a, b.to(a.dtype), acc)
         out = acc * scale
@@ -147,6 +150,10 @@ if triton is not None:
     # with triton 3.6 or 3.9 (tests/test_triton_kernel_report.py; CI runs it on both).
     # "ieee" (fp32): input_precision="ieee", an FMA dot that holds whole K slices in registers:
     # small BLOCK_K (16, the smallest triton 3.6 accepts). "tensor_core" (bf16 / fp16): tensor cores.
+    # "tf32" (fp32 where PyTorch allows TF32 convs): tensor cores on fp32 operands, which take twice
+    # the registers and shared memory of bf16 ones: the tensor-core tiles with fewer stages, and
+    # BLOCK_K 16 where 32 spills (64 x 128 on sm_80); the fused pixel norm's tiles are narrower in
+    # M than the "ieee" ones (64 x 256 spills on sm_90, and 512-wide tiles with BLOCK_K 32 on 3.6).
     # "fp64" (gradcheck and the GPU-vs-CPU tests, never training): rank-1 updates, BLOCK_K 1, one
     # stage (with two, 64x64 spills on triton 3.9). (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
     _CONV_CONFIGS = {
@@ -154,6 +161,8 @@ if triton is not None:
                        (64, 32, 16, 4, 2), (32, 32, 16, 4, 2), (128, 32, 16, 4, 2)]),
         "tensor_core": _cfgs([(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3),
                               (64, 32, 32, 4, 3), (16, 128, 64, 4, 3), (128, 16, 32, 4, 3), (32, 32, 64, 4, 3)]),
+        "tf32": _cfgs([(128, 64, 32, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 2), (32, 128, 32, 4, 2),
+                       (64, 32, 32, 4, 2), (128, 16, 32, 4, 2), (32, 32, 32, 4, 2)]),
         "fp64": _cfgs([(64, 64, 1, 8, 1), (32, 64, 1, 4, 1)]),
     }
     # Fused pixel norm: BLOCK_N = next_pow2(Cout) is fixed by the wrapper; configs per BLOCK_N bucket
@@ -169,6 +178,9 @@ if triton is not None:
         ("tensor_core", 128): _cfgs([(64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 8, 3)], with_n=False),
         ("tensor_core", 256): _cfgs([(64, 32, 8, 3), (32, 32, 8, 3)], with_n=False),
         ("tensor_core", 512): _cfgs([(32, 32, 8, 3), (16, 32, 8, 3)], with_n=False),
+        ("tf32", 128): _cfgs([(64, 32, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2)], with_n=False),
+        ("tf32", 256): _cfgs([(32, 32, 8, 2), (16, 32, 8, 2)], with_n=False),
+        ("tf32", 512): _cfgs([(32, 16, 8, 1), (16, 16, 8, 1)], with_n=False),
         ("fp64", 128): _cfgs([(32, 1, 8, 1)], with_n=False),
         ("fp64", 256): _cfgs([(16, 1, 8, 1)], with_n=False),
         ("fp64", 512): _cfgs([(16, 1, 8, 1)], with_n=False),
@@ -189,24 +201,26 @@ if triton is not None:
         widest BLOCK_N."""
         specs = []
         ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo")}
-        for dt, kind in (("fp32", "ieee"), ("bf16", "tensor_core"), ("fp64", "fp64")):
+        for dt, kind in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tensor_core"), ("fp64", "fp64")):
             acc, r_type = (tl.float64, "*fp64") if dt == "fp64" else (tl.float32, "*fp32")
             sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": r_type,
                    "scale": "fp32", **ints}
-            flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc}
+            flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc,
+                     "DOT_PRECISION": "tf32" if kind == "tf32" else "ieee"}
+            tag = f"{dt}-tf32" if kind == "tf32" else dt
             for ksize, up in ((3, True), (1, False)):
                 for cfg in _CONV_CONFIGS[kind]:
                     specs.append(AotSpec(
-                        f"conv_fwd_k{ksize}:{dt}", _conv_fwd_kernel, sig,
+                        f"conv_fwd_k{ksize}:{tag}", _conv_fwd_kernel, sig,
                         {**flags, "KSIZE": ksize, "UPSAMPLE": up, "PIXEL_NORM": False, **cfg.kwargs},
                         cfg.num_warps, cfg.num_stages))
             for bucket in _PN_BUCKETS:
                 for cfg in _CONV_PN_CONFIGS[(kind, bucket)]:
                     specs.append(AotSpec(
-                        f"conv_fwd_pn{bucket}:{dt}", _conv_fwd_kernel, sig,
+                        f"conv_fwd_pn{bucket}:{tag}", _conv_fwd_kernel, sig,
                         {**flags, "KSIZE": 3, "UPSAMPLE": True, "PIXEL_NORM": True, "BLOCK_N": bucket, **cfg.kwargs},
                         cfg.num_warps, cfg.num_stages))
-            if dt == "fp64":  # the backward kernel has no fp64-only code
+            if kind in ("fp64", "tf32"):  # the backward kernel has no code of its own for these
                 continue
             bsig = {"dy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": "*fp32", "g_ptr": f"*{dt}", "part_ptr": "*fp32",
                     "C": "i32", "P": "i32"}
@@ -225,12 +239,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _product_kind(t: torch.Tensor) -> str:
-    """The forward kernel's product for inputs like ``t`` on a GPU, which selects its configs: fp64
-    rank-1 updates, an IEEE fp32 dot, or a tensor-core (bf16 / fp16) dot."""
+def product_kind(t: torch.Tensor) -> str:
+    """The forward kernel's product for inputs like ``t``, which selects its configs: fp64 rank-1
+    updates, an fp32 dot that is exact ("ieee") or TF32 by the fp32 conv policy
+    (:func:`~progan_fast.ops.common.fp32_conv_uses_tf32`; CPU tensors, under the interpreter, are
+    always exact), or a tensor-core (bf16 / fp16) dot."""
     if t.dtype == torch.float64:
         return "fp64"
-    return "ieee" if t.dtype == torch.float32 else "tensor_core"
+    if t.dtype == torch.float32:
+        return "tf32" if t.device.type == "cuda" and fp32_conv_uses_tf32() else "ieee"
+    return "tensor_core"
 
 
 def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -255,10 +273,10 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     acc = compute_dtype(x)
     ieee = x.dtype in (torch.float32, torch.float64) or on_interpreter(x)  # interpreter: bf16 tl.dot is wrong
     args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides)
+    kind = product_kind(x)
     flags = dict(KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
-                 PIXEL_NORM=pixel_norm, IEEE=ieee, ACC=acc)
+                 PIXEL_NORM=pixel_norm, IEEE=ieee, DOT_PRECISION="tf32" if kind == "tf32" else "ieee", ACC=acc)
     block_n_pn = max(16, triton.next_power_of_2(cout))
-    kind = _product_kind(x)
     if on_interpreter(x):
         bm = min(128, max(16, triton.next_power_of_2(m)))
         bn = block_n_pn if pixel_norm else min(128, block_n_pn)
