@@ -15,7 +15,7 @@ synthetic dataset held on the device, warms up (allocation, Triton autotuning, c
 capture), then times ``--steps`` iterations between two device synchronizations. The table prints
 ms/step, img/s and the ratio to ``reference`` at the same resolution; ``--json`` keeps it all.
 A configuration that fails (out of memory, a compiler missing) is reported as failed and the run
-goes on. Timings on a shared machine are noisy: compare ratios within one run.
+goes on; the exit code is then 1, so a smoke run (CI's ``--quick``) cannot pass with a broken one. Timings on a shared machine are noisy: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -277,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"cannot write {path}: {e}")
     print(f"saved {path}")
     failed = [r for r in results if r.note.startswith("failed")]
-    return 1 if failed and len(failed) == len(results) else 0
+    if failed:  # the table above still shows every configuration; the exit code must not hide one
+        print(f"{PROG}: {len(failed)} of {len(results)} configurations failed: "
+              + ", ".join(f"{r.variant} at {r.res}px" for r in failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,23 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Under CI (CI=true) a missing native library or Triton is a failure, not a file of skips:
+    without this a broken build would turn whole test files into skips and CI would stay green."""
+    if os.environ.get("CI") != "true":
+        return
+    from progan_fast.ops import _native
+    from progan_fast.ops import triton as triton_backend
+
+    problems = []
+    if not _native.available():
+        problems.append(_native.why_unavailable())
+    if not triton_backend.available():
+        problems.append("Triton: " + (triton_backend.why_unavailable() if triton_backend.triton else "not installed"))
+    if problems:
+        pytest.exit("CI=true, but the tests would skip: " + "; ".join(problems), returncode=1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

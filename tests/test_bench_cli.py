@@ -45,7 +45,8 @@ def test_a_failing_configuration_is_reported_and_the_run_goes_on(monkeypatch, tm
 
     monkeypatch.setattr(bench, "time_variant", flaky)
     assert bench.main(["--device", "cpu", "--res", "4", "--batch", "4", "--steps", "1", "--warmup", "0",
-                       "--no-compile", "--json", str(tmp_path / "b.json")]) == 0
+                       "--no-compile", "--json", str(tmp_path / "b.json")]) == 1  # any failure fails the run
+    assert "configurations failed: reference+amp at 4px" in capsys.readouterr().err
     rows = {r["variant"]: r for r in json.loads((tmp_path / "b.json").read_text())["results"]}
     assert rows["reference+amp"]["note"] == "failed: RuntimeError: out of memory"
     assert rows["reference+amp"]["img_per_s"] is None and rows["reference"]["img_per_s"] > 0
