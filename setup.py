@@ -77,10 +77,10 @@ def _cuda_wheel_includes() -> list[str]:
 
 def _cpu_math_flags() -> list[str]:
     """The twins' lerp is torch.lerp's formula with fused multiply-adds (so it matches ATen bit for
-    bit). Without -mfma, x86 compilers turn std::fma into a call to glibc's exact software fma, which
-    made the CPU blend 3-14x slower than eager. The library is compiled on the machine that runs it,
-    so -mfma is used when this CPU has FMA. -ffp-contract=off keeps every other a*b+c exactly as
-    written (GCC would otherwise contract them once FMA is enabled)."""
+    bit). Without -mfma, x86 compilers turn std::fma into a call to glibc's exact software fma, far
+    slower than the instruction. The library is compiled on the machine that runs it, so -mfma is
+    used when this CPU has FMA. -ffp-contract=off keeps every other a*b+c exactly as written (GCC
+    would otherwise contract them once FMA is enabled)."""
     import platform
 
     flags = ["-ffp-contract=off"]
@@ -105,11 +105,13 @@ def _extensions():
     with_cuda, why = _want_cuda(torch)
     from torch.utils import cpp_extension  # after _want_cuda: it reads CUDA_HOME when imported
 
-    cpu_sources = sorted(glob.glob(f"{KERNELS}/cpu/*.cpp")) + [f"{KERNELS}/bindings/ops.cpp"]
+    # Every op's sources by glob (CMakeLists.txt globs the same): the CPU twins and the glue always;
+    # the glue's CUDA half (#ifdef PROGAN_WITH_CUDA) and the .cu kernels only in CUDA builds.
+    cpu_sources = sorted(glob.glob(f"{KERNELS}/cpu/*.cpp")) + sorted(glob.glob(f"{KERNELS}/bindings/*.cpp"))
     include_dirs = [os.path.join(ROOT, KERNELS, "include")]
     cxx = ["-O3", "-Wall", "-Wno-unused-function"] + _cpu_math_flags()  # C++ standard: torch's (C++20 from 2.14)
     if with_cuda:
-        sources = cpu_sources + [f"{KERNELS}/bindings/cuda_ops.cpp"] + sorted(glob.glob(f"{KERNELS}/cuda/*.cu"))
+        sources = cpu_sources + sorted(glob.glob(f"{KERNELS}/cuda/*.cu"))
         archs = os.environ.get("PROGAN_FAST_CUDA_ARCHS", "80;90").split(";")
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + [
             f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]

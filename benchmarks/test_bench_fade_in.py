@@ -12,7 +12,10 @@ import torch
 from _bench import DEVICE, MODES, RESOLUTIONS, backend_params, channels, dtype_params, implementation, \
     op_module, run_case, skip_compile_in_smoke, stage
 
-FADE = op_module("fade_in")
+FADE_IN = op_module("fade_in").FADE_IN_IMPLEMENTATIONS
+FADE_REALS = op_module("fade_in").FADE_REALS_IMPLEMENTATIONS
+BLEND = op_module("blend").IMPLEMENTATIONS
+DOWNSAMPLE = op_module("downsample2x").IMPLEMENTATIONS
 FADE_RES = [r for r in RESOLUTIONS if r >= 8]
 ALPHA = 0.3
 
@@ -39,44 +42,44 @@ resolutions = params("res", FADE_RES)
 @modes
 @dtypes
 @resolutions
-@params("backend", backend_params(FADE.FADE_IN_IMPLEMENTATIONS))
+@params("backend", backend_params(FADE_IN))
 def test_fade_in(benchmark, memory_floor_gbps, backend, res, dtype, mode):
     def make(s, dtype, grad):
         return [_randn(s.batch, 3, res // 2, res // 2, dtype=dtype, grad=grad),
                 _randn(s.batch, 3, res, res, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "fade_in", FADE.FADE_IN_IMPLEMENTATIONS, backend, res, dtype, mode, make,
+    _case(benchmark, memory_floor_gbps, "fade_in", FADE_IN, backend, res, dtype, mode, make,
           lambda f, low, high: f(low, high, ALPHA))
 
 
 @modes
 @dtypes
 @resolutions
-@params("backend", backend_params(FADE.BLEND_IMPLEMENTATIONS))
+@params("backend", backend_params(BLEND))
 def test_blend(benchmark, memory_floor_gbps, backend, res, dtype, mode):
     def make(s, dtype, grad):
         shape = (s.batch, channels(res // 2), res // 2, res // 2)
         return [_randn(*shape, dtype=dtype, grad=grad), _randn(*shape, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "blend", FADE.BLEND_IMPLEMENTATIONS, backend, res, dtype, mode, make,
+    _case(benchmark, memory_floor_gbps, "blend", BLEND, backend, res, dtype, mode, make,
           lambda f, old, new: f(old, new, ALPHA))
 
 
 @modes
 @dtypes
 @resolutions
-@params("backend", backend_params(FADE.DOWNSAMPLE_IMPLEMENTATIONS))
+@params("backend", backend_params(DOWNSAMPLE))
 def test_downsample2x(benchmark, memory_floor_gbps, backend, res, dtype, mode):
     def make(s, dtype, grad):
         return [_randn(s.batch, channels(res // 2), res, res, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "downsample2x", FADE.DOWNSAMPLE_IMPLEMENTATIONS, backend, res, dtype, mode,
+    _case(benchmark, memory_floor_gbps, "downsample2x", DOWNSAMPLE, backend, res, dtype, mode,
           make, lambda f, x: f(x))
 
 
 @modes
 @dtypes
 @resolutions
-@params("backend", backend_params(FADE.FADE_REALS_IMPLEMENTATIONS))
+@params("backend", backend_params(FADE_REALS))
 def test_fade_reals(benchmark, memory_floor_gbps, backend, res, dtype, mode):
     def make(s, dtype, grad):
         return [_randn(s.batch, 3, res, res, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "fade_reals", FADE.FADE_REALS_IMPLEMENTATIONS, backend, res, dtype, mode,
+    _case(benchmark, memory_floor_gbps, "fade_reals", FADE_REALS, backend, res, dtype, mode,
           make, lambda f, x: f(x, ALPHA))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.fade_in import Alpha
+from .ops.common import Alpha
 
 SQRT2 = math.sqrt(2.0)
 

@@ -39,7 +39,7 @@ from torch import nn
 from . import losses, ops
 from .data import to_float
 from .gan_state import DeviceLossScaler, GANState
-from .ops.fade_in import Alpha
+from .ops.common import Alpha
 from .profiling import nvtx_range
 
 

@@ -139,7 +139,16 @@ def test_corrupt_checkpoint(tmp_path, finished_run):
 def test_unavailable_backend_and_device(tmp_path):
     if not __import__("torch").cuda.is_available():
         assert_clean_error(run_cli(*TINY, "--out", tmp_path / "r", "--backend", "triton"), "triton", "CUDA")
-    assert_clean_error(run_cli(*TINY, "--out", tmp_path / "r", "--backend", "cuda"), "backend 'cuda' is not available")
+    from progan_fast.ops import _native
+
+    if not _native.cuda_available():
+        assert_clean_error(run_cli(*TINY, "--out", tmp_path / "r", "--backend", "cuda"), "backend 'cuda' is not available")
+    # on every machine: the CUDA kernels never run a CPU run, nor the C++ twins a CUDA run
+    assert_clean_error(run_cli(*TINY, "--out", tmp_path / "r3", "--device", "cpu", "--backend", "cuda"),
+                       "backend 'cuda' is not available")
+    if __import__("torch").cuda.is_available():
+        assert_clean_error(run_cli(*TINY, "--out", tmp_path / "r4", "--device", "cuda", "--backend", "cpu"),
+                           "backend 'cpu' is not available")
     if not __import__("torch").cuda.is_available():
         assert_clean_error(run_cli(*TINY, "--out", tmp_path / "r2", "--device", "cuda"), "no CUDA device")
 

@@ -1,6 +1,9 @@
 """The eager reference ops against hand computations and their own autograd."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,6 +181,7 @@ def test_gradgradcheck(name):
 def test_unknown_or_missing_backend_is_a_clear_error():
     with pytest.raises(ops.BackendUnavailableError, match="unknown backend 'nope'"):
         ops.set_default_backend("nope")
+    # CPU tensors never run on the cuda backend, whether or not CUDA kernels were built here
     with pytest.raises(ops.BackendUnavailableError, match="pixel_norm: backend 'cuda' is not available"):
         ops.pixel_norm(torch.zeros(1, 2, 2, 2), backend="cuda")
     # auto on the CPU is the reference, which the bench measured faster for a whole step than the twins
@@ -185,8 +189,74 @@ def test_unknown_or_missing_backend_is_a_clear_error():
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
-    from progan_fast.ops import _triton
+    from progan_fast.ops import triton as triton_backend
 
-    monkeypatch.setattr(_triton, "INTERPRETER", False)
+    monkeypatch.setattr(triton_backend, "INTERPRETER", False)
     with pytest.raises(ops.BackendUnavailableError, match="runs on a CUDA device"):
         ops.set_default_backend("triton", "cpu")
+
+
+def test_the_ops_import_and_run_without_the_triton_package():
+    # A subprocess in which `import triton` fails: every op keeps its other backends, and the
+    # kernel modules of progan_fast.ops.triton define no kernels.
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from progan_fast import ops\n"
+        "from progan_fast.ops import kernel_report, triton as triton_backend\n"
+        "assert not triton_backend.available() and 'not installed' in triton_backend.why_unavailable()\n"
+        "assert all('triton' not in t and 'reference' in t for t in ops.all_op_implementations().values())\n"
+        "assert kernel_report.all_specs() == []\n"
+        "x = torch.randn(2, 3, 4, 4)\n"
+        "torch.testing.assert_close(ops.fade_reals(x, 0.5), ops.fade_in(ops.downsample2x(x), x, 0.5))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_backends_are_strict_about_devices():
+    """The native library registers one op for CPU and CUDA; the backend name must still mean the device."""
+    from progan_fast.ops import _backend
+
+    x = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ops.BackendUnavailableError, match="pixel_norm: backend 'cuda' is not available"):
+        ops.pixel_norm(x, backend="cuda")  # where the CUDA kernels exist too: the device check refuses it
+    # the device check itself, whatever was built here
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' is not available for CPU tensors"):
+        _backend.check_devices("pixel_norm", "cuda", (x,))
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cpu' is not available for CUDA tensors"):
+        _backend.check_devices("pixel_norm", "cpu", (_FakeCuda(),))
+    _backend.check_devices("pixel_norm", "reference", (x,))  # the reference computes anywhere
+    _backend.check_devices("blend", "cuda", (_FakeCuda(), _FakeCuda(), torch.tensor(0.5)))  # 0-dim alpha anywhere
+    if not _triton_interprets():
+        with pytest.raises(ops.BackendUnavailableError, match="computes only CUDA tensors"):
+            ops.pixel_norm(x, backend="triton")
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cpu' is not available on the cuda device"):
+        ops.set_default_backend("cpu", "cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="backend 'cuda' is not available on the cpu device"):
+        ops.set_default_backend("cuda", "cpu")
+    if torch.cuda.is_available() and "cpu" in ops.all_op_implementations()["pixel_norm"]:
+        with pytest.raises(ops.BackendUnavailableError, match="computes only CPU tensors"):
+            ops.pixel_norm(x.cuda(), backend="cpu")
+    # alpha, a 0-dim tensor, may live anywhere; the activations decide
+    if "cpu" in ops.all_op_implementations()["blend"]:
+        torch.testing.assert_close(ops.blend(x, x + 1, torch.tensor(0.5), backend="cpu"), x + 0.5)
+
+
+class _FakeCuda(torch.Tensor):
+    """A tensor that says it is on a CUDA device, for the device check on a machine without one."""
+
+    @staticmethod
+    def __new__(cls):
+        return torch.Tensor._make_subclass(cls, torch.zeros(1, 2, 2, 2))
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _triton_interprets() -> bool:
+    from progan_fast.ops import triton as triton_backend
+
+    return triton_backend.INTERPRETER

@@ -84,8 +84,8 @@ def test_16x16_fp32():
 def test_wide_pixel_norm_falls_back_to_the_pixel_norm_op(monkeypatch):
     monkeypatch.setattr(ca, "PN_FUSE_MAX_COUT", 4)
     calls = []
-    real = ca._pixel_norm_op
-    monkeypatch.setattr(ca, "_pixel_norm_op", lambda *a: calls.append(1) or real(*a))
+    real = ca.pixel_norm_triton
+    monkeypatch.setattr(ca, "pixel_norm_triton", lambda *a: calls.append(1) or real(*a))
     for case in (CASES["pixel_norm"], CASES["dense_pn"]):
         x, w, b, opts = _make(case, torch.float32)
         _check_against_reference(x, w, b, opts, 0.3, TOL[torch.float32])
@@ -93,7 +93,7 @@ def test_wide_pixel_norm_falls_back_to_the_pixel_norm_op(monkeypatch):
 
 
 def test_fused_pixel_norm_does_not_call_the_pixel_norm_op(monkeypatch):
-    monkeypatch.setattr(ca, "_pixel_norm_op", None)  # would raise if called
+    monkeypatch.setattr(ca, "pixel_norm_triton", None)  # would raise if called
     x, w, b, opts = _make(CASES["pixel_norm"], torch.float32)
     ca.conv2d_bias_lrelu(x, w, b, 0.3, **opts, backend="triton")
 

@@ -4,17 +4,23 @@ alpha, first and second derivatives, torch.library.opcheck, and GPU-sized shapes
 
 Without a GPU every kernel runs under Triton's interpreter (tests/conftest.py sets it)."""
 
+import functools
 import importlib
 
 import pytest
 import torch
 
-from progan_fast.ops import _triton
+from progan_fast.ops import triton as triton_backend
+from progan_fast.ops.common import upsample2x_reference
+from progan_fast.ops.triton import elementwise
 
 fi = importlib.import_module("progan_fast.ops.fade_in")
+bl = importlib.import_module("progan_fast.ops.blend")
+ds = importlib.import_module("progan_fast.ops.downsample2x")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
 
-pytestmark = pytest.mark.skipif(not _triton.available(), reason=_triton.why_unavailable() if _triton.triton else "no triton")
+pytestmark = pytest.mark.skipif(not triton_backend.available(),
+                                reason=triton_backend.why_unavailable() if triton_backend.triton else "no triton")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2),
@@ -34,9 +40,9 @@ def _fade_in_inputs(shape, dtype, device):
 
 OPS = {
     "fade_in": (lambda t, a, backend: fi.fade_in(t[0], t[1], a, backend=backend), _fade_in_inputs),
-    "blend": (lambda t, a, backend: fi.blend(t[0], t[1], a, backend=backend),
+    "blend": (lambda t, a, backend: bl.blend(t[0], t[1], a, backend=backend),
               lambda s, d, dev: [_randn(s, d, dev, 1), _randn(s, d, dev, 2)]),
-    "downsample2x": (lambda t, a, backend: fi.downsample2x(t[0], backend=backend),
+    "downsample2x": (lambda t, a, backend: ds.downsample2x(t[0], backend=backend),
                      lambda s, d, dev: [_randn(s, d, dev, 1)]),
     "fade_reals": (lambda t, a, backend: fi.fade_reals(t[0], a, backend=backend),
                    lambda s, d, dev: [_randn(s, d, dev, 1)]),
@@ -78,7 +84,7 @@ def test_matches_the_reference_forward_and_backward(op, shape, dtype):
 @pytest.mark.parametrize("op", list(OPS))
 def test_several_programs_and_a_ragged_tail(op, monkeypatch):
     # Under the interpreter a launch is normally one big program; force 64-wide blocks.
-    monkeypatch.setattr(fi, "_INTERPRETER_MAX_BLOCK", 64)
+    monkeypatch.setattr(elementwise, "_INTERPRETER_MAX_BLOCK", 64)
     inputs = OPS[op][1]((3, 5, 6, 10), torch.float64, DEVICE)
     y, grads, g = _run(op, inputs, 0.7, "triton")
     y_ref, grads_ref, _ = _run(op, inputs, 0.7, "reference", g)
@@ -93,10 +99,10 @@ def test_fade_ends_are_exact(dtype):
     up = low.repeat_interleave(2, 2).repeat_interleave(2, 3)
     for alpha in (0.0, torch.tensor(0.0)):
         assert torch.equal(fi.fade_in(low, high, alpha, backend="triton"), up)
-        assert torch.equal(fi.blend(up, high, alpha, backend="triton"), up)
+        assert torch.equal(bl.blend(up, high, alpha, backend="triton"), up)
     for alpha in (1.0, torch.tensor(1.0)):
         assert torch.equal(fi.fade_in(low, high, alpha, backend="triton"), high)
-        assert torch.equal(fi.blend(up, high, alpha, backend="triton"), high)
+        assert torch.equal(bl.blend(up, high, alpha, backend="triton"), high)
         assert torch.equal(fi.fade_reals(high, alpha, backend="triton"), high)
     # alpha 0: every 2x2 block of the faded reals is its block's mean
     y = fi.fade_reals(high, 0.0, backend="triton")
@@ -104,11 +110,59 @@ def test_fade_ends_are_exact(dtype):
     torch.testing.assert_close(y, fi.fade_reals(high.double(), 0.0, backend="reference").to(dtype), **TOL[dtype])
 
 
+if triton_backend.triton is not None:
+
+    @triton_backend.triton.jit
+    def _fma_kernel(x_ptr, y_ptr, z_ptr, out_ptr):
+        tl = triton_backend.tl
+        tl.store(out_ptr, tl.fma(tl.load(x_ptr), tl.load(y_ptr), tl.load(z_ptr)))
+
+
+@functools.cache
+def _tl_fma_rounds_once() -> bool:
+    """Whether float32 ``tl.fma`` rounds once here, as a GPU's ``fma.rn.f32`` does. Probe:
+    fma(1 + 2**-12, 1 + 2**-12, -1) is 2**-11 + 2**-24 exactly; a multiply then an add rounds the
+    product to 1 + 2**-11 first and gives 2**-11. Triton 3.6's interpreter evaluates ``tl.fma`` as
+    ``x * y + z`` in float32 numpy (two roundings); 3.9's interpreter rounds once, as GPUs do."""
+    x = torch.tensor([1 + 2**-12], device=DEVICE)
+    out = torch.empty(1, device=DEVICE)
+    _fma_kernel[(1,)](x, x, torch.tensor([-1.0], device=DEVICE), out)
+    fused, unfused = 2**-11 + 2**-24, 2**-11
+    assert out.item() in (fused, unfused), f"tl.fma is neither fused nor a multiply then an add: {out.item()!r}"
+    return out.item() == fused
+
+
+LERP_WEIGHTS = (0.1, 0.49, 0.5, 0.9, -0.3, 1.2)  # both branches (|alpha| < 0.5, >= 0.5), out-of-range weights
+
+
+@pytest.mark.cuda
+def test_tl_fma_rounds_once_on_a_gpu():
+    assert _tl_fma_rounds_once()
+
+
 def test_lerp_formula_matches_torch_lerp_bit_for_bit_in_float32():
-    # Both branches of torch.lerp's formula (|alpha| < 0.5 and >= 0.5) and out-of-range weights.
+    if not _tl_fma_rounds_once():  # the next test checks the formula there
+        pytest.skip(f"tl.fma rounds twice under triton {triton_backend.triton.__version__}'s interpreter "
+                    "(a GPU rounds once)")
     a, b = _randn((1, 3, 8, 8), torch.float32, DEVICE, 1), _randn((1, 3, 8, 8), torch.float32, DEVICE, 2)
-    for alpha in (0.1, 0.49, 0.5, 0.9, -0.3, 1.2):
-        assert torch.equal(fi.blend(a, b, alpha, backend="triton"), torch.lerp(a, b, alpha)), alpha
+    for alpha in LERP_WEIGHTS:
+        assert torch.equal(bl.blend(a, b, alpha, backend="triton"), torch.lerp(a, b, alpha)), alpha
+
+
+def test_lerp_formula_where_tl_fma_rounds_twice():
+    """Where ``tl.fma`` is a multiply then an add (triton 3.6's interpreter), the kernel is still
+    torch.lerp's formula: bit for bit the same formula with each fused multiply-add computed as a
+    float32 multiply then an add, and torch.lerp within float32 rounding."""
+    if _tl_fma_rounds_once():
+        pytest.skip("tl.fma rounds once here: the bit-for-bit torch.lerp test covers the formula")
+    a, b = _randn((1, 3, 8, 8), torch.float32, DEVICE, 1), _randn((1, 3, 8, 8), torch.float32, DEVICE, 2)
+    d = b - a
+    for alpha in LERP_WEIGHTS:
+        w = torch.tensor(alpha, dtype=torch.float32)
+        unfused = torch.where(w.abs() < 0.5, d * w + a, -d * (1 - w) + b)
+        got = bl.blend(a, b, alpha, backend="triton")
+        assert torch.equal(got, unfused), alpha
+        torch.testing.assert_close(got, torch.lerp(a, b, alpha), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("op", ["fade_in", "blend", "fade_reals"])
@@ -151,11 +205,11 @@ def test_shape_and_dtype_errors():
     with pytest.raises(ValueError, match="twice"):
         fi.fade_in(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 8, 8), 0.5, backend="triton")
     with pytest.raises(TypeError, match="bfloat16"):
-        fi.blend(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16), 0.5, backend="triton")
+        bl.blend(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4, dtype=torch.bfloat16), 0.5, backend="triton")
     with pytest.raises(ValueError, match="even"):
         fi.fade_reals(torch.zeros(1, 3, 4, 5), 0.5, backend="triton")
     with pytest.raises(ValueError, match="0-dim"):
-        fi.blend(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([0.5]), backend="triton")
+        bl.blend(torch.zeros(2, 2), torch.zeros(2, 2), torch.tensor([0.5]), backend="triton")
 
 
 # ----- autograd in float64 ---------------------------------------------------------------------
@@ -170,9 +224,9 @@ def _alpha():
 
 GRAD_CASES = {
     "fade_in": (lambda lo, hi, a: fi.fade_in(lo, hi, a, backend="triton"), lambda: (_d(1, 2, 1, 2), _d(1, 2, 2, 4, seed=1), _alpha())),
-    "blend": (lambda o, n, a: fi.blend(o, n, a, backend="triton"), lambda: (_d(1, 2, 2, 3), _d(1, 2, 2, 3, seed=1), _alpha())),
-    "downsample2x": (lambda x: fi.downsample2x(x, backend="triton"), lambda: (_d(1, 2, 4, 4),)),
-    "downsample2x_odd": (lambda x: fi.downsample2x(x, backend="triton"), lambda: (_d(1, 2, 3, 5),)),
+    "blend": (lambda o, n, a: bl.blend(o, n, a, backend="triton"), lambda: (_d(1, 2, 2, 3), _d(1, 2, 2, 3, seed=1), _alpha())),
+    "downsample2x": (lambda x: ds.downsample2x(x, backend="triton"), lambda: (_d(1, 2, 4, 4),)),
+    "downsample2x_odd": (lambda x: ds.downsample2x(x, backend="triton"), lambda: (_d(1, 2, 3, 5),)),
     "fade_reals": (lambda x, a: fi.fade_reals(x, a, backend="triton"), lambda: (_d(1, 2, 2, 4), _alpha())),
 }
 
@@ -195,7 +249,7 @@ def test_double_backward_through_a_penalty_like_graph():
     # d/dx |grad_x sum(w * blend(down(x), h, a))|^2 against the reference
     def penalty(backend, x, h):
         x = x.detach().clone().requires_grad_()
-        y = fi.blend(fi.downsample2x(x, backend=backend), h, 0.4, backend=backend)
+        y = bl.blend(ds.downsample2x(x, backend=backend), h, 0.4, backend=backend)
         (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
         (gg,) = torch.autograd.grad(g.square().sum(), x)
         return gg
@@ -212,11 +266,11 @@ def _op_samples():
         (fi._fade_in_op, (lo, hi, a)),
         (fi._fade_in_op, (lo, hi, torch.tensor(0.3, device=DEVICE, requires_grad=True))),
         (fi._fade_in_backward_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True), a)),
-        (fi._blend_op, (torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), a)),
-        (fi._blend_backward_op, (torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), torch.tensor(0.3, device=DEVICE, requires_grad=True))),
-        (fi._downsample2x_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True),)),
-        (fi._downsample2x_op, (torch.randn(1, 3, 5, 3, device=DEVICE, requires_grad=True),)),
-        (fi._downsample2x_backward_op, (torch.randn(2, 3, 2, 3, device=DEVICE, requires_grad=True), 5, 6)),
+        (bl._blend_op, (torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), a)),
+        (bl._blend_backward_op, (torch.randn(2, 3, 3, 5, device=DEVICE, requires_grad=True), torch.tensor(0.3, device=DEVICE, requires_grad=True))),
+        (ds._downsample2x_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True),)),
+        (ds._downsample2x_op, (torch.randn(1, 3, 5, 3, device=DEVICE, requires_grad=True),)),
+        (ds._downsample2x_backward_op, (torch.randn(2, 3, 2, 3, device=DEVICE, requires_grad=True), 5, 6)),
         (fi._fade_reals_op, (torch.randn(2, 3, 4, 6, device=DEVICE, requires_grad=True), torch.tensor(0.3, device=DEVICE, requires_grad=True))),
     ]
 
@@ -260,7 +314,7 @@ def test_cuda_graph_replay_reads_alpha_in_place():
     for value in (0.0, 0.25, 1.0):
         alpha.fill_(value)
         graph.replay()
-        want = torch.lerp(fi.upsample2x_reference(low), high, value)
+        want = torch.lerp(upsample2x_reference(low), high, value)
         if value in (0.0, 1.0):
             assert torch.equal(out, want)
         torch.testing.assert_close(out, want)

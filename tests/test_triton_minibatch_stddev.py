@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from progan_fast import ops
-from progan_fast.ops import _triton
+from progan_fast.ops import triton as triton_backend
 
 mbstd = importlib.import_module("progan_fast.ops.minibatch_stddev")
+mbstd_kernels = importlib.import_module("progan_fast.ops.triton.minibatch_stddev")
 
-pytestmark = pytest.mark.skipif(not _triton.available(), reason=_triton.why_unavailable())
+pytestmark = pytest.mark.skipif(not triton_backend.available(), reason=triton_backend.why_unavailable())
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -148,9 +149,9 @@ def test_rejects_non_4d_input():
 
 
 def test_aot_specs_cover_every_kernel_in_fp32_and_bf16():
-    names = {spec.name for spec in mbstd.AOT_SPECS}
+    names = {spec.name for spec in mbstd_kernels.AOT_SPECS}
     assert names == {f"mbstd_{k}:{d}" for k in ("fwd", "stat", "gsum", "bwd") for d in ("fp32", "bf16")}
-    for spec in mbstd.AOT_SPECS:   # scratch buffers stay fp32 in the bf16 specs
+    for spec in mbstd_kernels.AOT_SPECS:   # scratch buffers stay fp32 in the bf16 specs
         for arg in ("part_ptr", "gs_ptr"):
             assert spec.signature.get(arg, "*fp32") == "*fp32"
 

@@ -1,14 +1,36 @@
-// Dispatcher glue shared by the CPU (ops.cpp) and CUDA (cuda_ops.cpp) implementations: argument
-// checks with messages that name the op, and output allocation. Kept thin: the math lives in the
-// kernels, the autograd formulas in Python (progan_fast/ops/*.py, torch.library.register_autograd).
+// What every op's dispatcher glue (kernels/bindings/<op>.cpp) shares: the headers, argument checks
+// whose messages name the op, the dtype dispatch of the CPU twins and, in CUDA builds
+// (PROGAN_WITH_CUDA), the dtype, stream and alpha the CUDA launchers take. Kept thin: the math
+// lives in the kernels, the autograd formulas in Python (progan_fast/ops/<op>.py,
+// torch.library.register_autograd).
 #pragma once
 
+// ATen's per-operator headers, not ATen/ATen.h: this header is in every binding, and the whole
+// ATen API would add its parsing and debug info to each one's compile.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
+
+#include "../cpu/cpu_kernels.h"
+
+#ifdef PROGAN_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "progan/cuda_launchers.h"
+#endif
+
+// Runs the lambda with scalar_t = the tensor's dtype (float, double, BFloat16 or Half).
+#define PROGAN_DISPATCH(op, t, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (t).scalar_type(), op, __VA_ARGS__)
 
 namespace progan::glue {
 
@@ -54,26 +76,30 @@ inline at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The largest group size <= group_size that divides the batch (see minibatch_stddev.py).
-inline int64_t effective_group_size(int64_t batch, int64_t group_size) {
-  int64_t g = std::max<int64_t>(1, std::min(group_size, batch));
-  while (batch % g) --g;
-  return g;
+// alpha as the CPU twins take it, by value: on the CPU reading the 0-dim tensor involves no device sync.
+inline double read_alpha(const at::Tensor& alpha) { return alpha.item<double>(); }
+
+#ifdef PROGAN_WITH_CUDA
+inline progan::cuda::DType dtype_of(const char* op, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return progan::cuda::DType::Float32;
+    case at::kDouble: return progan::cuda::DType::Float64;
+    case at::kBFloat16: return progan::cuda::DType::BFloat16;
+    case at::kHalf: return progan::cuda::DType::Float16;
+    default: TORCH_CHECK(false, "progan_fast_native::", op, ": unsupported dtype ", t.scalar_type());
+  }
+  return progan::cuda::DType::Float32;
 }
 
-inline void check_fade_in(const at::Tensor& low, const at::Tensor& high) {
-  check_float("fade_in", "high", high);
-  check_like("fade_in", "low", low, high);
-  check_dim("fade_in", "low", low, 4);
-  TORCH_CHECK(high.dim() == 4 && high.size(0) == low.size(0) && high.size(1) == low.size(1) &&
-                  high.size(2) == 2 * low.size(2) && high.size(3) == 2 * low.size(3),
-              "progan_fast_native::fade_in: high ", high.sizes(), " is not twice low ", low.sizes());
-}
+// The current stream: launching on it is what lets a CUDA graph capture the op.
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-inline void check_even_4d(const char* op, const at::Tensor& x) {
-  check_dim(op, "x", x, 4);
-  TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, "progan_fast_native::", op,
-              ": needs even height and width, got shape ", x.sizes());
+// alpha as the CUDA kernels read it: a 0-dim device scalar of the accumulation type (a device-side
+// cast when needed, never a host read).
+inline at::Tensor alpha_for(const char* op, const at::Tensor& alpha, const at::Tensor& like) {
+  check_alpha(op, alpha, like);
+  return alpha.to(acc_type(like)).contiguous();
 }
+#endif
 
 }  // namespace progan::glue

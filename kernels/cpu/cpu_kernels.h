@@ -1,4 +1,5 @@
-// C++ CPU twins of the CUDA kernels: the same per-element math (include/progan/math.h) on raw,
+// C++ CPU twins of the CUDA kernels, grouped by op: op <op>'s are defined in kernels/cpu/<op>.cpp,
+// the twin of kernels/cuda/<op>.cu. The same per-element math (include/progan/math.h) on raw,
 // contiguous buffers, parallel over batch/pixels with at::parallel_for. Each is explicitly
 // instantiated for float, double, c10::BFloat16 and c10::Half in its .cpp, which keeps the heavy
 // ATen headers out of these translation units (they build in seconds).
@@ -25,7 +26,7 @@ void pixel_norm_forward(const T* x, T* y, int64_t n, int64_t c, int64_t p, doubl
 template <typename T>
 void pixel_norm_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t p, double eps);
 
-// Equalized-LR conv epilogue on the conv output `conv` ([N, C, P], conv with the unscaled weight):
+// conv_act's epilogue on the conv output `conv` ([N, C, P], conv with the unscaled weight):
 // y = lrelu(conv * scale + bias[c]) (activation optional), then optionally pixel norm, with
 // r[n, p] = pixel norm's per-pixel scale saved for the backward (float32, or double).
 template <typename T>
@@ -39,23 +40,26 @@ template <typename T>
 void conv_epilogue_backward(const T* dy, const T* y, const acc_t<T>* r, T* g, acc_t<T>* bias_part, int64_t n,
                             int64_t c, int64_t p, bool activation, bool pixel_norm);
 
-// fade_in family; alpha is passed by value (on the CPU reading the 0-dim tensor is free).
-// rows = N * C * H of the low-resolution tensor, wl = its width.
+// fade_in and fade_reals; alpha is passed by value here and below (on the CPU reading the 0-dim
+// tensor is free). rows = N * C * H of the low-resolution tensor, wl = its width.
 template <typename T>
 void fade_in_forward(const T* low, const T* high, T* out, int64_t rows, int64_t wl, acc_t<T> alpha);
 template <typename T>
 void fade_in_backward(const T* grad, T* d_low, T* d_high, int64_t rows, int64_t wl, acc_t<T> alpha);
 template <typename T>
+void fade_reals(const T* x, T* out, int64_t rows, int64_t wl, acc_t<T> alpha);
+
+// blend: out = lerp(old, new, alpha) elementwise.
+template <typename T>
 void blend_forward(const T* old_, const T* new_, T* out, int64_t numel, acc_t<T> alpha);
 template <typename T>
 void blend_backward(const T* grad, T* d_old, T* d_new, int64_t numel, acc_t<T> alpha);
-// planes = N * C; an odd last row/column of the input is ignored (as avg_pool2d does).
+
+// downsample2x: planes = N * C; an odd last row/column of the input is ignored (as avg_pool2d does).
 template <typename T>
 void downsample2x_forward(const T* x, T* y, int64_t planes, int64_t h, int64_t w);
 template <typename T>
 void downsample2x_backward(const T* grad, T* dx, int64_t planes, int64_t h, int64_t w);
-template <typename T>
-void fade_reals(const T* x, T* out, int64_t rows, int64_t wl, acc_t<T> alpha);
 
 // minibatch_stddev with G groups members i = g * M + m (official grouping), F = C * P features.
 template <typename T>

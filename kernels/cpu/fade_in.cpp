@@ -1,6 +1,6 @@
-// CPU twins of kernels/cuda/fade_in.cu: G's upsample-blend, D's blend, the 2x2 average pool and
-// the reals' fade, each one pass over memory. The 2x kernels walk low-resolution rows: each low
-// row (n, c, h) owns two full-resolution rows, read and written exactly once, contiguously.
+// CPU twins of kernels/cuda/fade_in.cu: G's fade-in and the reals' fade, one pass over memory each.
+// Work unit: one low-resolution row (n, c, h), which owns two full-resolution rows, read and written
+// exactly once, contiguously.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -54,63 +54,6 @@ void fade_in_backward(const T* grad, T* d_low, T* d_high, int64_t rows, int64_t 
 }
 
 template <typename T>
-void blend_forward(const T* old_, const T* new_, T* out, int64_t numel, acc_t<T> alpha) {
-  using A = acc_t<T>;
-  at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = T(lerp(A(old_[i]), A(new_[i]), alpha));
-  });
-}
-
-template <typename T>
-void blend_backward(const T* grad, T* d_old, T* d_new, int64_t numel, acc_t<T> alpha) {
-  using A = acc_t<T>;
-  const A keep = A(1) - alpha;
-  at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const A g = A(grad[i]);
-      d_old[i] = T(g * keep);
-      d_new[i] = T(g * alpha);
-    }
-  });
-}
-
-template <typename T>
-void downsample2x_forward(const T* x, T* y, int64_t planes, int64_t h, int64_t w) {
-  using A = acc_t<T>;
-  const int64_t ho = h / 2, wo = w / 2;
-  at::parallel_for(0, planes * ho, grain(4 * wo), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / ho, row = r % ho;
-      const T* x0 = x + (plane * h + 2 * row) * w;
-      const T* x1 = x0 + w;
-      T* o = y + r * wo;
-      for (int64_t j = 0; j < wo; ++j) {
-        o[j] = T(((A(x0[2 * j]) + A(x0[2 * j + 1])) + (A(x1[2 * j]) + A(x1[2 * j + 1]))) * A(0.25));
-      }
-    }
-  });
-}
-
-template <typename T>
-void downsample2x_backward(const T* grad, T* dx, int64_t planes, int64_t h, int64_t w) {
-  using A = acc_t<T>;
-  const int64_t ho = h / 2, wo = w / 2;
-  at::parallel_for(0, planes * h, grain(w), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t plane = r / h, row = r % h;
-      T* o = dx + r * w;
-      if (row >= 2 * ho) {  // an odd last row was not pooled
-        for (int64_t j = 0; j < w; ++j) o[j] = T(0);
-        continue;
-      }
-      const T* g = grad + (plane * ho + row / 2) * wo;
-      for (int64_t j = 0; j < 2 * wo; ++j) o[j] = T(A(g[j >> 1]) * A(0.25));
-      for (int64_t j = 2 * wo; j < w; ++j) o[j] = T(0);
-    }
-  });
-}
-
-template <typename T>
 void fade_reals(const T* x, T* out, int64_t rows, int64_t wl, acc_t<T> alpha) {
   using A = acc_t<T>;
   const int64_t w = 2 * wl;
@@ -132,13 +75,9 @@ void fade_reals(const T* x, T* out, int64_t rows, int64_t wl, acc_t<T> alpha) {
   });
 }
 
-#define INSTANTIATE(T)                                                                          \
-  template void fade_in_forward<T>(const T*, const T*, T*, int64_t, int64_t, acc_t<T>);         \
-  template void fade_in_backward<T>(const T*, T*, T*, int64_t, int64_t, acc_t<T>);              \
-  template void blend_forward<T>(const T*, const T*, T*, int64_t, acc_t<T>);                    \
-  template void blend_backward<T>(const T*, T*, T*, int64_t, acc_t<T>);                         \
-  template void downsample2x_forward<T>(const T*, T*, int64_t, int64_t, int64_t);               \
-  template void downsample2x_backward<T>(const T*, T*, int64_t, int64_t, int64_t);              \
+#define INSTANTIATE(T)                                                                  \
+  template void fade_in_forward<T>(const T*, const T*, T*, int64_t, int64_t, acc_t<T>); \
+  template void fade_in_backward<T>(const T*, T*, T*, int64_t, int64_t, acc_t<T>);      \
   template void fade_reals<T>(const T*, T*, int64_t, int64_t, acc_t<T>);
 PROGAN_CPU_INSTANTIATE(INSTANTIATE)
 

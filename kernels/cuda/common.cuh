@@ -1,5 +1,6 @@
 // Helpers shared by the CUDA kernels: storage <-> accumulation conversions, vector loads, block
-// reductions, the dtype switch of the launchers. CUDA runtime headers and ours only.
+// reductions, grid sizing and the grid-stride loop, the launchers' dtype switch. CUDA runtime
+// headers and ours only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,6 +77,11 @@ inline unsigned grid_for(int64_t work, int threads) {
 }
 
 }  // namespace progan::cuda
+
+// A grid-stride loop over i in [0, n): each thread starts at its global index and steps by the
+// grid's thread count, so a grid_for()-sized grid covers any n.
+#define GRID_STRIDE(i, n) \
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); i += int64_t(gridDim.x) * blockDim.x)
 
 // Calls `launch.template operator()<T>()` with T the storage type of `dt`.
 #define PROGAN_CUDA_DISPATCH(dt, ...)                                                \

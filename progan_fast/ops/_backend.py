@@ -4,16 +4,24 @@ Each op module keeps a table ``{backend name: implementation}``. Its public func
 ``backend=None`` and asks :func:`resolve` for the implementation: an explicit name wins, otherwise
 the process-wide default set by :func:`set_default_backend` (the trainer's ``--backend`` switch).
 
-``reference`` always exists; ``triton`` registers itself where Triton can run, ``cpu`` (C++
-twins) and ``cuda`` (CUDA kernels) where the native library ``progan_fast._C`` loaded (see
-``_native.py``). Asking for a backend that an op does not have is an error that names the op, the backend and what is available, never a silent fallback:
-a benchmark that silently measured the reference would lie.
+``reference`` always exists; ``triton`` registers itself where Triton can run (see
+``triton/__init__.py``), ``cpu`` (C++ twins) and ``cuda`` (CUDA kernels) where the native library
+``progan_fast._C`` loaded (see ``_native.py``). Asking for a backend that an op does not have is
+an error that names the op, the backend and what is available, never a silent fallback: a
+benchmark that silently measured the reference would lie.
+
+Backends are strict about devices: ``cpu`` computes only CPU tensors, ``cuda`` and ``triton`` only
+CUDA tensors (``triton`` also CPU tensors under its interpreter, for tests). The native library
+registers one dispatcher op for both devices, so without this check ``backend="cuda"`` on CPU
+tensors would quietly run the C++ twin, and a benchmark of "cuda" would measure the CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
+
+import torch
 
 from .. import profiling
 from . import _amp
@@ -35,25 +43,33 @@ def available_backends(implementations: dict[str, Callable]) -> list[str]:
 
 
 #: What ``auto`` prefers on each device, fastest first. Triton on the CPU only exists under the
-#: interpreter, which is for testing, never for speed. On the CPU the reference wins the whole
-#: training step: ``python -m progan_fast.bench --device cpu`` measured the native ``cpu`` backend
-#: at 0.65-0.79x of the reference's img/s from 4px to 32px (laptop widths, batch 32, wgan-gp, 2
-#: cores), because the step is mostly convolution and oneDNN's conv with its fused bias beats our
-#: conv + separate epilogue pass; the pointwise twins alone are faster (see benchmarks/). ``cpu``
-#: stays selectable by name.
+#: interpreter, which is for testing, never for speed. On the CPU ``auto`` is the reference: the
+#: training step is mostly convolution, and there oneDNN's conv with its fused bias beats the
+#: native ``cpu`` backend's conv + separate epilogue pass, so the whole step is slower on ``cpu``
+#: even though its pointwise twins alone are faster (``python -m progan_fast.bench --device cpu``
+#: and benchmarks/; figures in README, "What is measured"). ``cpu`` stays selectable by name.
 AUTO_PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)}
 
 
-def set_default_backend(name: str, device_type: str = "cpu") -> str:
+#: The device type each kernel backend computes on (``reference`` computes on any).
+BACKEND_DEVICE = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+
+def _interpreter_runs_cpu_tensors() -> bool:
+    from . import triton as triton_backend
+
+    return triton_backend.INTERPRETER
+
+
+def set_default_backend(name: str, device_type: str, tables: Mapping[str, Mapping[str, Callable]]) -> str:
     """Set the backend used when an op is called with ``backend=None``; returns the resolved name.
 
-    ``auto`` picks, for ``device_type``, the first backend of :data:`AUTO_PREFERENCE` that every op
-    provides. A named backend must be provided by every op, or this raises naming the ops that lack it.
+    ``tables`` is every op's backend table (``progan_fast.ops.all_op_implementations()``, which
+    calls this). ``auto`` picks, for ``device_type``, the first backend of :data:`AUTO_PREFERENCE`
+    that every op provides. A named backend must be provided by every op and compute on
+    ``device_type``, or this raises naming what is missing.
     """
     global _default_backend
-    from . import all_op_implementations
-
-    tables = all_op_implementations()
     if name == "auto":
         name = next(b for b in AUTO_PREFERENCE.get(device_type, ("reference",))
                     if all(b in t for t in tables.values()))
@@ -63,13 +79,17 @@ def set_default_backend(name: str, device_type: str = "cpu") -> str:
         )
     else:
         if name == "triton" and device_type == "cpu":
-            from . import _triton
-
-            if not _triton.INTERPRETER:
+            if not _interpreter_runs_cpu_tensors():
                 raise BackendUnavailableError(
                     "backend 'triton' runs on a CUDA device; on the CPU use reference "
                     "(TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for testing)"
                 )
+        elif name in ("cpu", "cuda") and device_type != BACKEND_DEVICE[name]:
+            other = "cuda" if name == "cpu" else "cpu"
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available on the {device_type} device: it computes only "
+                f"{BACKEND_DEVICE[name].upper()} tensors (use {other!r}, reference or auto there)"
+            )
         missing = [op for op, t in tables.items() if name not in t]
         if missing:
             raise BackendUnavailableError(
@@ -82,9 +102,9 @@ def set_default_backend(name: str, device_type: str = "cpu") -> str:
 
 def _why_unavailable(name: str) -> str:
     if name == "triton":
-        from . import _triton
+        from . import triton as triton_backend
 
-        return _triton.why_unavailable()
+        return triton_backend.why_unavailable()
     if name in ("cpu", "cuda"):
         from . import _native
 
@@ -107,9 +127,27 @@ def resolve(op_name: str, implementations: dict[str, F], backend: str | None) ->
         ) from None
 
 
+def check_devices(op_name: str, backend: str, args) -> None:
+    """Refuse tensors on a device ``backend`` does not compute on (see the module docstring).
+    0-dim tensors (alpha) are exempt: the kernels read them wherever they live."""
+    want = BACKEND_DEVICE.get(backend)
+    if want is None:
+        return
+    got = {a.device.type for a in args if isinstance(a, torch.Tensor) and a.dim() > 0}
+    allowed = {want} | ({"cpu"} if backend == "triton" and _interpreter_runs_cpu_tensors() else set())
+    wrong = sorted(got - allowed)
+    if wrong:
+        raise BackendUnavailableError(
+            f"{op_name}: backend {backend!r} is not available for {', '.join(wrong).upper()} tensors: it computes "
+            f"only {want.upper()} tensors (use "
+            + ("'cpu', 'reference' or 'auto'" if "cpu" in wrong else "'cuda', 'triton', 'reference' or 'auto'")
+            + " for these)")
+
+
 def dispatch(op_name: str, implementations: dict[str, Callable], backend: str | None, *args):
     """Run ``op_name`` on the chosen backend: inside its NVTX range (``--nvtx``) and under the
     autocast policy of :mod:`progan_fast.ops._amp`. Every public op goes through here."""
     impl = resolve(op_name, implementations, backend)
+    check_devices(op_name, _default_backend if backend is None else backend, args)
     with profiling.nvtx_range(op_name):
         return _amp.call(impl, *args)

@@ -6,7 +6,7 @@ always, CUDA kernels when it was built with them (``_C.WITH_CUDA``). Each op fil
 tensors for the native ops next to the Triton ones, sharing their formulas.
 
 A missing or broken library is not an error: the native backends are then unavailable, and
-:func:`why_unavailable` says why (as :func:`progan_fast.ops._triton.why_unavailable` does).
+:func:`why_unavailable` says why (as :func:`progan_fast.ops.triton.why_unavailable` does).
 
     python -m progan_fast.ops.native_status   # prints what was built and whether it loads
 """

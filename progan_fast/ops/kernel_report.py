@@ -15,20 +15,28 @@ import importlib
 import json
 import os
 import pathlib
+import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-OP_MODULES = ("pixel_norm", "minibatch_stddev", "fade_in", "conv_act")
 RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
+def kernel_modules() -> list[str]:
+    """Every module of :mod:`progan_fast.ops.triton` (one per op, ``ops/triton/<op>.py``), by name."""
+    from . import triton as triton_backend
+
+    return sorted(f"{triton_backend.__name__}.{m.name}" for m in pkgutil.iter_modules(triton_backend.__path__))
+
+
 def all_specs() -> list:
+    """The ``AOT_SPECS`` of every kernel module, in a fixed order (workers pick specs by index)."""
     specs = []
-    for module in OP_MODULES:
-        specs += getattr(importlib.import_module(f"progan_fast.ops.{module}"), "AOT_SPECS", [])
+    for module in kernel_modules():
+        specs += getattr(importlib.import_module(module), "AOT_SPECS", [])
     return specs
 
 

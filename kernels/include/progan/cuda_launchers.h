@@ -1,7 +1,7 @@
-// Host launchers of the CUDA kernels (kernels/cuda/*.cu). They take raw device pointers, sizes and a
-// cudaStream_t, and no torch type, so the .cu files compile with nvcc alone (CI compiles and
-// inspects them without torch); the dispatcher glue (bindings/cuda_ops.cpp) passes the current
-// stream, so every launch is captured by a CUDA graph. None synchronizes or reads device memory on
+// Host launchers of the CUDA kernels, grouped by op: op <op>'s are defined in kernels/cuda/<op>.cu.
+// They take raw device pointers, sizes and a cudaStream_t, and no torch type, so the .cu files
+// compile with nvcc alone (CI compiles and inspects them without torch); the dispatcher glue
+// (kernels/bindings/<op>.cpp) passes the current stream, so every launch is captured by a CUDA graph. None synchronizes or reads device memory on
 // the host. Each returns the launch's error (cudaSuccess, or what cudaGetLastError reports).
 //
 // Tensors are contiguous NCHW, seen as [N, C, P] with P = H * W; `alpha` points to a 0-dim device
@@ -17,12 +17,14 @@ namespace progan::cuda {
 
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
+// pixel_norm.
 cudaError_t pixel_norm_forward(DType dt, const void* x, void* y, int64_t n, int64_t c, int64_t p, double eps,
                                cudaStream_t stream);
 cudaError_t pixel_norm_backward(DType dt, const void* dy, const void* x, void* dx, int64_t n, int64_t c, int64_t p,
                                 double eps, cudaStream_t stream);
 
-// y = lrelu(conv * scale + bias) [then pixel norm, r = per-pixel scale, accumulation type].
+// conv_act's epilogue: y = lrelu(conv * scale + bias) [then pixel norm, r = per-pixel scale,
+// accumulation type].
 cudaError_t conv_epilogue_forward(DType dt, const void* conv, void* y, const void* bias, void* r, int64_t n,
                                   int64_t c, int64_t p, double scale, bool activation, bool pixel_norm,
                                   cudaStream_t stream);
@@ -33,24 +35,28 @@ cudaError_t conv_epilogue_backward(DType dt, const void* dy, const void* y, cons
                                    int64_t n, int64_t c, int64_t p, bool activation, bool pixel_norm,
                                    cudaStream_t stream);
 
-// rows = N * C * H of the low-resolution tensor, wl = its width.
+// fade_in and fade_reals: rows = N * C * H of the low-resolution tensor, wl = its width.
 cudaError_t fade_in_forward(DType dt, const void* low, const void* high, const void* alpha, void* out, int64_t rows,
                             int64_t wl, cudaStream_t stream);
 cudaError_t fade_in_backward(DType dt, const void* grad, const void* alpha, void* d_low, void* d_high, int64_t rows,
                              int64_t wl, cudaStream_t stream);
+cudaError_t fade_reals(DType dt, const void* x, const void* alpha, void* out, int64_t rows, int64_t wl,
+                       cudaStream_t stream);
+
+// blend.
 cudaError_t blend_forward(DType dt, const void* old_, const void* new_, const void* alpha, void* out, int64_t numel,
                           cudaStream_t stream);
 cudaError_t blend_backward(DType dt, const void* grad, const void* alpha, void* d_old, void* d_new, int64_t numel,
                            cudaStream_t stream);
-// planes = N * C; an odd last row/column of the input is ignored (forward) / gets zero (backward).
+
+// downsample2x: planes = N * C; an odd last row/column of the input is ignored (forward) / gets
+// zero (backward).
 cudaError_t downsample2x_forward(DType dt, const void* x, void* y, int64_t planes, int64_t h, int64_t w,
                                  cudaStream_t stream);
 cudaError_t downsample2x_backward(DType dt, const void* grad, void* dx, int64_t planes, int64_t h, int64_t w,
                                   cudaStream_t stream);
-cudaError_t fade_reals(DType dt, const void* x, const void* alpha, void* out, int64_t rows, int64_t wl,
-                       cudaStream_t stream);
 
-// Group members are samples g * M + m; F = C * P features. `part` is scratch of
+// minibatch_stddev: group members are samples g * M + m; F = C * P features. `part` is scratch of
 // minibatch_stddev_part_count(m, f) accumulation-type values, `gs` of m values.
 int64_t minibatch_stddev_part_count(int64_t m, int64_t f);
 cudaError_t minibatch_stddev_forward(DType dt, const void* x, void* out, void* part, int64_t group, int64_t m,

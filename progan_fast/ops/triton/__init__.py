@@ -1,13 +1,21 @@
-"""Shared plumbing for the Triton backend of every op.
+"""The Triton backend: each op's kernels in ``ops/triton/<op>.py``, and here the plumbing they share.
 
+- ``triton`` and ``tl`` are imported here, guarded: where the package is missing they are None,
+  the backend reports itself unavailable (:func:`available`, :func:`why_unavailable`) and the
+  kernel modules define no kernels. The kernel modules take ``triton`` and ``tl`` from here. This
+  subpackage is ``progan_fast.ops.triton``: ``import triton`` (absolute imports only) is the real
+  package everywhere, this file included, as long as ``progan_fast/ops`` itself is not put on
+  ``sys.path`` (run its modules with ``python -m``, never as ``python progan_fast/ops/x.py``).
 - Triton kernels run on CUDA tensors on a GPU, and on CPU tensors only under Triton's
   interpreter (``TRITON_INTERPRET=1``, which must be set before ``triton`` is imported): that is
   how the tests run every kernel on a machine without a GPU.
 - On a GPU, block sizes come from ``triton.autotune``; under the interpreter autotuning cannot
   run (it times with CUDA events) and a fixed, large configuration is used instead, since the
-  interpreter pays about 1.7 ms per program instance.
+  interpreter's cost grows with the number of program instances.
 - Every kernel accumulates in float32, or in float64 for float64 inputs (gradcheck runs the
   kernels in float64 under the interpreter).
+- Every kernel module lists in ``AOT_SPECS`` the compilations :mod:`progan_fast.ops.kernel_report`
+  checks for registers and spills (see :class:`AotSpec`).
 """
 
 from __future__ import annotations
@@ -39,6 +47,11 @@ def why_unavailable() -> str:
     return "Triton needs a CUDA GPU (or TRITON_INTERPRET=1 set before import, to run kernels on the CPU)"
 
 
+def on_interpreter(t: torch.Tensor) -> bool:
+    """True where a kernel on ``t`` runs under the interpreter (fixed block sizes, no autotuning)."""
+    return INTERPRETER and t.device.type == "cpu"
+
+
 def check_device(op: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error where a kernel cannot run on these tensors' device."""
     for t in tensors:
@@ -58,25 +71,13 @@ def compute_dtype(t: torch.Tensor):
     return tl.float64 if t.dtype == torch.float64 else tl.float32
 
 
-def scalar_tensor(value, like: torch.Tensor) -> torch.Tensor:
-    """``value`` (a Python number or a 0-dim tensor) as a 0-dim float32 tensor on ``like``'s device,
-    for kernels that load it from memory (so a CUDA graph can change it in place between replays).
-    A float64 ``like`` gets float64 so gradcheck sees exact arithmetic."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 0:
-            raise ValueError(f"alpha must be a number or a 0-dim tensor, got shape {tuple(value.shape)}")
-        return value.to(device=like.device, dtype=dtype)
-    return torch.full((), float(value), device=like.device, dtype=dtype)
-
-
 class AotSpec:
     """One ahead-of-time compilation the kernel-report test performs for sm_80 and sm_90.
 
     ``signature`` maps every non-constexpr argument to a Triton type string (``"*fp32"``,
     ``"*bf16"``, ``"i32"``, ``"fp32"``); ``constexprs`` gives every constexpr argument a value
-    (a ``tl`` dtype for ``ACC``). Each op module lists, in ``AOT_SPECS``, one spec per kernel and
-    GPU autotune config, for float32 and for bfloat16 inputs.
+    (a ``tl`` dtype for ``ACC``). Each kernel module (``ops/triton/<op>.py``) lists, in
+    ``AOT_SPECS``, one spec per kernel and GPU autotune config, for float32 and for bfloat16 inputs.
     """
 
     def __init__(self, name: str, kernel, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3):

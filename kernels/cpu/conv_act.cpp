@@ -1,4 +1,4 @@
-// CPU twin of kernels/cuda/conv_epilogue.cu: the equalized-LR conv's epilogue (scale, bias,
+// CPU twin of kernels/cuda/conv_act.cu: the equalized-LR conv's epilogue (scale, bias,
 // leaky-ReLU, optional pixel norm) in one pass over the conv output (conv -> y), and its backward
 // with the bias gradient's partial sums. Work unit: one sample's tile of kTile pixels (all
 // channels), so pixel norm's per-pixel reduction stays inside one unit.

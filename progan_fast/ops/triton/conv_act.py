@@ -1,0 +1,301 @@
+"""Triton kernels of conv2d_bias_lrelu (see :mod:`progan_fast.ops.conv_act`).
+
+Forward (``_conv_fwd_kernel``): one kernel and one pass over memory, an implicit GEMM (rows
+M = N*H*W output pixels, columns = Cout, K = k*k*Cin as one flat loop over (tap, Cin chunk))
+reading NCHW ``x`` directly and writing NCHW ``y``. ``upsample`` is folded into the input
+addressing (source pixel = output-space tap // 2, zero padding at the upsampled size): no
+upsampled tensor is ever written. The epilogue, in registers: ``* scale``, ``+ bias`` (None
+allowed), leaky-ReLU(0.2), and with ``pixel_norm`` (when one program's BLOCK_N = next_pow2(Cout)
+<= :data:`PIXEL_NORM_MAX_COUT` covers every output channel) the per-pixel normalization, saving
+``r = rsqrt(mean(a^2) + eps)`` per pixel (``[N, 1, H, W]``, fp32) for the backward. A 1x1 conv
+reads the weight in place (``[Cout, Cin]`` is K-contiguous): on ``[N, C, 1, 1]`` it is a plain
+GEMM; a 3x3 weight is permuted once per call to ``[k, k, Cin, Cout]`` so each tap's slab is
+Cout-contiguous.
+
+``tl.dot`` accumulates in fp32. fp32 inputs use ``input_precision="ieee"`` (Triton's default
+would be TF32, about 1e-3 relative error), so fp32 results match the reference within fp32
+rounding, at FMA speed; bf16 / fp16 inputs use tensor cores. Under the interpreter every dot is
+done on fp32 operands (the interpreter's bf16 ``tl.dot`` returns garbage in triton 3.9). fp64
+inputs (gradcheck, and the GPU-vs-CPU tests) accumulate in fp64 without ``tl.dot``, which refuses
+an fp64 accumulator in triton 3.6: one input channel per step (``BLOCK_K = 1``), a rank-1 update
+of fp64 FMAs. Offsets are int32: the op refuses tensors of 2**31 elements or more.
+
+Backward (``_act_bwd_kernel``): ``g = lrelu'(pre) * pixel_norm'(grad)`` from the saved output
+(``y > 0`` exactly where ``pre > 0``; pixel norm's backward is ``r * (dy - y * mean_c(dy * y))``
+in terms of ``y`` and ``r``), plus per-program partial bias sums (reduced by one small ``sum``).
+Without activation and pixel norm ``g`` is ``grad`` itself and only the bias sums are computed.
+The convolution's own gradients are ATen's (see :mod:`progan_fast.ops.conv_act`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import AotSpec, compute_dtype, on_interpreter, tl, triton
+
+#: Largest Cout whose pixel norm the forward kernel fuses (one program's BLOCK_N covers every
+#: output channel of its pixels): the widest BLOCK_N it is configured (and spill-checked) for.
+PIXEL_NORM_MAX_COUT = 512
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, scale,
+        M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo,
+        KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+        PIXEL_NORM: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """Implicit GEMM: rows = output pixels (n, oh, ow), columns = Cout, K = (tap, Cin)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        ohw = OH * OW
+        n = offs_m // ohw
+        p = offs_m % ohw
+        oh = p // OW
+        ow = p % OW
+        hw = H * W
+        x_base = n * Cin * hw  # int32 offsets: the wrapper checks every tensor has < 2**31 elements
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < Cout
+        PAD: tl.constexpr = KSIZE // 2
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        # One flat K loop over (tap, Cin chunk), so the pipeliner sees a single loop.
+        n_chunks = tl.cdiv(Cin, BLOCK_K)
+        for kk in range(0, KSIZE * KSIZE * n_chunks):
+            t = kk // n_chunks
+            c0 = (kk - t * n_chunks) * BLOCK_K
+            ih = oh + (t // KSIZE - PAD)
+            iw = ow + (t % KSIZE - PAD)
+            valid = m_mask & (ih >= 0) & (ih < OH) & (iw >= 0) & (iw < OW)
+            if UPSAMPLE:  # nearest 2x: output-space tap -> source pixel (negatives are masked)
+                ih = ih // 2
+                iw = iw // 2
+            ck = c0 + tl.arange(0, BLOCK_K)
+            k_mask = ck < Cin
+            a = tl.load(x_ptr + ((x_base + ih * W + iw)[:, None] + ck[None, :] * hw),
+                        mask=valid[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(w_ptr + t * stride_wt + ck[:, None] * stride_wc + offs_n[None, :] * stride_wo,
+                        mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if ACC == tl.float64:  # triton 3.6's tl.dot refuses a float64 accumulator: FMAs instead
+                tl.static_assert(BLOCK_K == 1)  # a [BLOCK_M, 1] x [1, BLOCK_N] product: a rank-1 update
+                acc += a.to(ACC) * b.to(ACC)
+            elif IEEE:
+                acc = tl.dot(a.to(ACC), b.to(ACC), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b.to(a.dtype), acc)
+        out = acc * scale
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)[None, :]
+        if ACTIVATION:
+            out = tl.where(out > 0, out, out * 0.2)
+        if PIXEL_NORM:  # BLOCK_N >= Cout: this program holds every channel of its pixels
+            r = 1.0 / tl.sqrt(tl.sum(out * out, axis=1) / Cout + 1e-8)
+            out = out * r[:, None]
+            tl.store(r_ptr + offs_m, r.to(r_ptr.dtype.element_ty), mask=m_mask)
+        y_offs = (n * Cout * ohw + p)[:, None] + offs_n[None, :] * ohw
+        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _act_bwd_kernel(
+        dy_ptr, y_ptr, r_ptr, g_ptr, part_ptr, C, P,
+        ACTIVATION: tl.constexpr, PIXEL_NORM: tl.constexpr, STORE_G: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """g = lrelu'(y) * pixel_norm'(dy) from the saved output; per-program partial bias sums."""
+        n = tl.program_id(0)
+        pb = tl.program_id(1)
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < P
+        base = n.to(tl.int64) * C * P
+        part_row = part_ptr + (n.to(tl.int64) * tl.num_programs(1) + pb) * C
+        if PIXEL_NORM:
+            # With a = y / r (the pre-norm activation): dL/da = r * (dy - y * mean_c(dy * y)).
+            s = tl.zeros([BLOCK_P], dtype=ACC)
+            for c0 in range(0, C, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                offs = base + c[:, None] * P + p[None, :]
+                mask = (c[:, None] < C) & p_mask[None, :]
+                dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+                s += tl.sum(dy * y, axis=0)
+            s = s / C
+            r = tl.load(r_ptr + n.to(tl.int64) * P + p, mask=p_mask, other=0.0).to(ACC)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            offs = base + c[:, None] * P + p[None, :]
+            mask = (c[:, None] < C) & p_mask[None, :]
+            g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if ACTIVATION or PIXEL_NORM:
+                y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
+                if PIXEL_NORM:
+                    g = r[None, :] * (g - y * s[None, :])
+                if ACTIVATION:  # y > 0 exactly where the pre-activation is > 0 (slope and r > 0)
+                    g = tl.where(y > 0, g, g * 0.2)
+            if STORE_G:
+                tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(part_row + c, tl.sum(g, axis=1), mask=c < C)
+
+    def _cfgs(rows, with_n=True):
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K") if with_n else ("BLOCK_M", "BLOCK_K")
+        return [triton.Config(dict(zip(keys, r[:len(keys)])), num_warps=r[-2], num_stages=r[-1]) for r in rows]
+
+    # GPU configs per kind of product (_product_kind), chosen so that none spills on sm_80 / sm_90
+    # with triton 3.6 or 3.9 (tests/test_triton_kernel_report.py; CI runs it on both).
+    # "ieee" (fp32): input_precision="ieee", an FMA dot that holds whole K slices in registers:
+    # small BLOCK_K (16, the smallest triton 3.6 accepts). "tensor_core" (bf16 / fp16): tensor cores.
+    # "fp64" (gradcheck and the GPU-vs-CPU tests, never training): rank-1 updates, BLOCK_K 1, one
+    # stage (with two, 64x64 spills on triton 3.9). (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
+    _CONV_CONFIGS = {
+        "ieee": _cfgs([(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2), (32, 64, 16, 4, 2),
+                       (64, 32, 16, 4, 2), (32, 32, 16, 4, 2), (128, 32, 16, 4, 2)]),
+        "tensor_core": _cfgs([(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3),
+                              (64, 32, 32, 4, 3), (16, 128, 64, 4, 3), (128, 16, 32, 4, 3), (32, 32, 64, 4, 3)]),
+        "fp64": _cfgs([(64, 64, 1, 8, 1), (32, 64, 1, 4, 1)]),
+    }
+    # Fused pixel norm: BLOCK_N = next_pow2(Cout) is fixed by the wrapper; configs per BLOCK_N bucket
+    # (<= 128, 256, 512) as (BLOCK_M, BLOCK_K, warps, stages), keyed by (kind, bucket). The widest
+    # fp32 tiles (64 x 256, 32 x 512: 64 accumulators a thread) run one stage: with a second one
+    # triton 3.6 spills them; 3.9 does not. The smaller BLOCK_M next to them keeps two stages and
+    # gives low resolutions more programs.
+    _PN_BUCKETS = (128, 256, 512)
+    _CONV_PN_CONFIGS = {
+        ("ieee", 128): _cfgs([(64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)], with_n=False),
+        ("ieee", 256): _cfgs([(64, 16, 8, 1), (32, 16, 8, 2)], with_n=False),
+        ("ieee", 512): _cfgs([(32, 16, 8, 1), (16, 16, 8, 2)], with_n=False),
+        ("tensor_core", 128): _cfgs([(64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 8, 3)], with_n=False),
+        ("tensor_core", 256): _cfgs([(64, 32, 8, 3), (32, 32, 8, 3)], with_n=False),
+        ("tensor_core", 512): _cfgs([(32, 32, 8, 3), (16, 32, 8, 3)], with_n=False),
+        ("fp64", 128): _cfgs([(32, 1, 8, 1)], with_n=False),
+        ("fp64", 256): _cfgs([(16, 1, 8, 1)], with_n=False),
+        ("fp64", 512): _cfgs([(16, 1, 8, 1)], with_n=False),
+    }
+    _ACT_BWD_CONFIGS = [
+        triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in [(8, 4), (16, 4), (32, 4), (32, 8)]
+    ]
+    _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM"]
+    _conv_fwd_tuned = {kind: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for kind, cfgs in _CONV_CONFIGS.items()}
+    _conv_fwd_pn_tuned = {k: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for k, cfgs in _CONV_PN_CONFIGS.items()}
+    _act_bwd_tuned = triton.autotune(_ACT_BWD_CONFIGS, key=["C", "P", "BLOCK_P", "ACTIVATION", "PIXEL_NORM"])(
+        _act_bwd_kernel)
+
+    def _aot_specs() -> list:
+        """Every compilation the kernel-report test checks (fp32 and bf16 activations, and fp64 for
+        the forward's own fp64 path): the 3x3 upsampling conv (the heaviest addressing) for every
+        config, the 1x1 (dense) conv for the unfused configs, the fused pixel norm at each bucket's
+        widest BLOCK_N."""
+        specs = []
+        ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo")}
+        for dt, kind in (("fp32", "ieee"), ("bf16", "tensor_core"), ("fp64", "fp64")):
+            acc, r_type = (tl.float64, "*fp64") if dt == "fp64" else (tl.float32, "*fp32")
+            sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": r_type,
+                   "scale": "fp32", **ints}
+            flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc}
+            for ksize, up in ((3, True), (1, False)):
+                for cfg in _CONV_CONFIGS[kind]:
+                    specs.append(AotSpec(
+                        f"conv_fwd_k{ksize}:{dt}", _conv_fwd_kernel, sig,
+                        {**flags, "KSIZE": ksize, "UPSAMPLE": up, "PIXEL_NORM": False, **cfg.kwargs},
+                        cfg.num_warps, cfg.num_stages))
+            for bucket in _PN_BUCKETS:
+                for cfg in _CONV_PN_CONFIGS[(kind, bucket)]:
+                    specs.append(AotSpec(
+                        f"conv_fwd_pn{bucket}:{dt}", _conv_fwd_kernel, sig,
+                        {**flags, "KSIZE": 3, "UPSAMPLE": True, "PIXEL_NORM": True, "BLOCK_N": bucket, **cfg.kwargs},
+                        cfg.num_warps, cfg.num_stages))
+            if dt == "fp64":  # the backward kernel has no fp64-only code
+                continue
+            bsig = {"dy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": "*fp32", "g_ptr": f"*{dt}", "part_ptr": "*fp32",
+                    "C": "i32", "P": "i32"}
+            for cfg in _ACT_BWD_CONFIGS:
+                specs.append(AotSpec(f"conv_act_bwd:{dt}", _act_bwd_kernel, bsig,
+                                             {"ACTIVATION": True, "PIXEL_NORM": True, "STORE_G": True, "BLOCK_P": 128,
+                                              "ACC": tl.float32, **cfg.kwargs}, cfg.num_warps, cfg.num_stages))
+        return specs
+
+    AOT_SPECS = _aot_specs()
+else:
+    AOT_SPECS = []
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _product_kind(t: torch.Tensor) -> str:
+    """The forward kernel's product for inputs like ``t`` on a GPU, which selects its configs: fp64
+    rank-1 updates, an IEEE fp32 dot, or a tensor-core (bf16 / fp16) dot."""
+    if t.dtype == torch.float64:
+        return "fp64"
+    return "ieee" if t.dtype == torch.float32 else "tensor_core"
+
+
+def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                              activation: bool, upsample: bool, pixel_norm: bool,
+                              y: torch.Tensor, r: torch.Tensor) -> None:
+    """Writes ``y`` ``[N, Cout, OH, OW]`` (and, with ``pixel_norm``, ``r`` ``[N, 1, OH, OW]``) for
+    contiguous ``x`` ``[N, Cin, H, W]``; ``y`` non-empty, Cout <= :data:`PIXEL_NORM_MAX_COUT` with
+    ``pixel_norm``."""
+    n, cin, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[-1]
+    oh, ow = y.shape[-2:]
+    m = n * oh * ow
+    if k == 1:  # [Cout, Cin, 1, 1] is already K-contiguous: read it as is (dense layers: a plain GEMM)
+        wk = weight.reshape(cout, cin)
+        strides = (0, wk.stride(1), wk.stride(0))
+    else:  # [k, k, Cin, Cout]: each tap's [Cin, Cout] slab is Cout-contiguous
+        wk = weight.permute(2, 3, 1, 0).contiguous()
+        strides = (cin * cout, cout, 1)
+    if x.dtype == torch.float64:  # the kernel's float argument is fp32: keep float64 scaling exact
+        wk, scale = wk * scale, 1.0
+    b = bias.contiguous() if bias is not None else wk  # dummy pointer, never read
+    acc = compute_dtype(x)
+    ieee = x.dtype in (torch.float32, torch.float64) or on_interpreter(x)  # interpreter: bf16 tl.dot is wrong
+    args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides)
+    flags = dict(KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
+                 PIXEL_NORM=pixel_norm, IEEE=ieee, ACC=acc)
+    block_n_pn = max(16, triton.next_power_of_2(cout))
+    kind = _product_kind(x)
+    if on_interpreter(x):
+        bm = min(128, max(16, triton.next_power_of_2(m)))
+        bn = block_n_pn if pixel_norm else min(128, block_n_pn)
+        bk = 1 if kind == "fp64" else min(64, max(16, triton.next_power_of_2(cin)))  # fp64: rank-1 updates
+        _conv_fwd_kernel[(triton.cdiv(m, bm), triton.cdiv(cout, bn))](
+            *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags)
+    elif pixel_norm:
+        bucket = next(b for b in _PN_BUCKETS if block_n_pn <= b)
+        _conv_fwd_pn_tuned[(kind, bucket)][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 1)](
+            *args, BLOCK_N=block_n_pn, **flags)
+    else:
+        _conv_fwd_tuned[kind][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))](
+            *args, **flags)
+
+
+def activation_backward(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, activation: bool,
+                        pixel_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, db)``: the gradient at the pre-activation (``grad`` itself without activation and
+    pixel norm) and the bias gradient (float32, float64 for float64), from contiguous ``grad`` and
+    the saved ``y``, ``r``."""
+    n, cout, oh, ow = y.shape
+    p = oh * ow
+    acc_t = _acc_dtype(y)
+    store_g = activation or pixel_norm
+    g = torch.empty_like(y) if store_g else grad
+    if on_interpreter(y):
+        block_p = min(1024, triton.next_power_of_2(p))
+    else:
+        block_p = min(128, triton.next_power_of_2(p))
+    num_pb = triton.cdiv(p, block_p)
+    part = torch.empty(n * num_pb, cout, device=y.device, dtype=acc_t)
+    if y.numel():
+        args = (grad, y, r if pixel_norm else y, g, part, cout, p)
+        flags = dict(ACTIVATION=activation, PIXEL_NORM=pixel_norm, STORE_G=store_g, BLOCK_P=block_p,
+                     ACC=compute_dtype(y))
+        if on_interpreter(y):
+            _act_bwd_kernel[(n, num_pb)](*args, BLOCK_C=min(64, triton.next_power_of_2(cout)), **flags)
+        else:
+            _act_bwd_tuned[(n, num_pb)](*args, **flags)
+    return g, part.sum(0)
