@@ -1,8 +1,9 @@
-"""What the command lines share: the two errors they report, and ``--device``.
+"""What the command lines share: the errors they report, and ``--device``.
 
-Each CLI (``train``, ``generate``, ``metrics``) catches these and prints one line
-``PROG: error: MESSAGE`` with no traceback. They live down here, below the trainer and the run
-folder that raise them, so that every module can raise them without importing a CLI.
+A CLI prints such an error as one line ``PROG: error: MESSAGE``, with no traceback:
+:class:`UsageError` (every CLI, exit code 2) and :class:`TrainingDiverged` (``train``, exit code 1).
+They live down here, below the trainer, the run folder and the settings that raise them, so that
+raising one never means importing a CLI.
 """
 
 from __future__ import annotations
