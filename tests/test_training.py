@@ -161,3 +161,21 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     assert {p.name: p.read_bytes() for p in list_checkpoints(out / "checkpoints")} == good
     assert all(torch.isfinite(t).all() for p in list_checkpoints(out / "checkpoints")
                for t in load_checkpoint(p)["D"].values())
+
+
+def test_adam_starts_afresh_at_every_phase(tmp_path):
+    """The official code resets Adam's moments and step count when a phase starts. Every phase
+    ends with a checkpoint, whose Adam has taken exactly that phase's steps; a carried-over Adam
+    would have counted the earlier phases' steps too."""
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    batch = int(TINY[TINY.index("--batch") + 1])
+    checkpoints = [load_checkpoint(path) for path in list_checkpoints(out / "checkpoints")]
+    assert [c["phase_index"] for c in checkpoints] == [1, 2, 3]  # 4px; 8px fade; 8px stable
+    images_before = 0
+    for c in checkpoints:
+        phase_steps = (c["images"] - images_before) // batch
+        images_before = c["images"]
+        for opt in ("opt_G", "opt_D"):
+            steps = {float(s["step"]) for s in c[opt]["state"].values()}
+            assert steps == {phase_steps}, f"{opt} after phase {c['phase_index'] - 1}: steps {steps}"
