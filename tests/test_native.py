@@ -32,16 +32,7 @@ def _backend(device):
     return "cuda" if device == "cuda" else "cpu"
 
 
-def assert_close_but(got, want, tol, outliers=0.0):
-    """assert_close, except that a fraction ``outliers`` of the elements may be off (leaky-ReLU's kink:
-    a bf16 pre-activation near 0 can land on the other side of it than the float64 one)."""
-    if not outliers:
-        return torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    bad = ~torch.isclose(got, want, rtol=tol, atol=tol)
-    assert bad.double().mean() <= outliers, f"{int(bad.sum())} of {bad.numel()} elements off"
-
-
-def check_against_reference(native, reference, inputs, dtype, device, tol_scale=1.0, outliers=0.0):
+def check_against_reference(native, reference, inputs, dtype, device, tol_scale=1.0):
     """``native(*inputs)`` in ``dtype`` against ``reference`` in float64, values and input gradients."""
     torch.manual_seed(1)
     tol = TOL[dtype] * tol_scale
@@ -49,12 +40,12 @@ def check_against_reference(native, reference, inputs, dtype, device, tol_scale=
     rs = [t.double().detach().requires_grad_() for t in inputs]
     y, yr = native(*xs), reference(*rs)
     assert y.dtype == dtype and y.shape == yr.shape and y.device.type == device
-    assert_close_but(y.double().cpu(), yr.detach(), tol, outliers)
+    torch.testing.assert_close(y.double().cpu(), yr.detach(), rtol=tol, atol=tol)
     g = torch.randn(yr.shape, dtype=torch.float64)
     y.backward(g.to(device=device, dtype=dtype))
     yr.backward(g)
     for a, b in zip(xs, rs):
-        assert_close_but(a.grad.double().cpu(), b.grad, 4 * tol, outliers)
+        torch.testing.assert_close(a.grad.double().cpu(), b.grad, rtol=4 * tol, atol=4 * tol)
 
 
 # ----- pixel_norm -------------------------------------------------------------------------------
@@ -135,27 +126,60 @@ CONV_CASES = [  # (x shape, Cout, k, activation, upsample, pixel_norm)
 ]
 
 
+#: The inputs' seed. The tolerances below were measured over seeds 0-99 of every case.
+CONV_INPUT_SEED = 0
+
+
+def conv_reference_on_branch(x, w, b, scale, activation, upsample, pixel_norm, positive):
+    """The reference, with leaky-ReLU taking the branch ``positive`` says (where the pre-activation > 0)."""
+    pre = cv.reference(x, w, b, scale, activation=False, upsample=upsample, pixel_norm=False)
+    y = torch.where(positive, pre, pre * cv.NEGATIVE_SLOPE) if activation else pre
+    return pn.reference(y) if pixel_norm else y
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv2d_bias_lrelu_matches_reference(case, bias, dtype, device):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("ATen has no float16 convolution on the CPU")
+    """Values and gradients against float64, with leaky-ReLU's kink taken out of the comparison.
+
+    A pre-activation within rounding of 0 can land on either side of the kink; its gradient then
+    differs by the factor 0.2, and the bias and weight gradients sum that difference. With the
+    plain reference and 2% of the elements allowed off, 17 of 100 seeds of the (3, 5, 7, 7) case
+    failed in float16 (a bias gradient of 5 to 64 elements has no room for outliers). So the
+    reference takes each element's branch from the native output (leaky-ReLU and pixel norm keep
+    the pre-activation's sign) and every element must then match; the branches that differ from
+    the reference's own may be up to 2% in bf16 and float16 (seen: 0.12% and 1.25% at worst),
+    none in float32 and float64.
+
+    Tolerances: ``TOL[dtype]`` times 5 in bf16 and float16 (gradients 4x that). Over seeds 0-99
+    of every case on the CPU, the smallest tolerance a case passed at was, in float16 (inputs
+    rounded to float16, unit roundoff 4.9e-4, then a conv of up to 297 products), 0.6e-3 to
+    1.4e-3 (medians per case) and 7e-3 at worst: 1.5e-2 is twice the worst. In bf16 (unit
+    roundoff 3.9e-3): medians 5e-3 to 1.2e-2, worst 3e-2, tolerance 0.15.
+    """
+    torch.manual_seed(CONV_INPUT_SEED)
     shape, cout, k, act, up, pnorm = case
     scale = math.sqrt(2) / math.sqrt(shape[1] * k * k)
     x, w = torch.randn(shape), torch.randn(cout, shape[1], k, k)
     b = [torch.randn(cout)] if bias else []
+    native_positive = []
 
     def native(x, w, *b):
-        return ops.conv2d_bias_lrelu(x, w, b[0] if b else None, scale, act, up, pnorm, backend=_backend(device))
+        y = ops.conv2d_bias_lrelu(x, w, b[0] if b else None, scale, act, up, pnorm, backend=_backend(device))
+        native_positive.append(y.detach().cpu() > 0)
+        return y
 
-    def reference(x, w, *b):
-        return cv.reference(x, w, b[0] if b else None, scale, act, up, pnorm)
+    def reference(x, w, *b):  # check_against_reference runs it after native
+        return conv_reference_on_branch(x, w, b[0] if b else None, scale, act, up, pnorm, native_positive[0])
 
     low_precision = dtype in (torch.bfloat16, torch.float16)
-    check_against_reference(native, reference, [x, w, *b], dtype, device, tol_scale=5 if low_precision else 2,
-                            outliers=0.02 if low_precision else 0.0)
+    check_against_reference(native, reference, [x, w, *b], dtype, device, tol_scale=5 if low_precision else 2)
+    if act:
+        pre = cv.reference(x.double(), w.double(), b[0].double() if b else None, scale, False, up, False)
+        other_side = (native_positive[0] != (pre > 0)).double().mean().item()
+        assert other_side <= (0.02 if low_precision else 0.0), f"{other_side:.1%} of the kink branches differ"
 
 
 # ----- gradcheck, gradgradcheck, opcheck --------------------------------------------------------
@@ -251,14 +275,13 @@ def test_the_cpu_twins_are_selectable_by_name_and_cuda_says_why_it_is_missing():
 
 @pytest.mark.parametrize("loss", ["nonsat", "wgan-gp"])
 def test_training_steps_match_the_reference(loss):
-    from test_triton_training import run_steps
+    from test_triton_training import assert_same_ema_change, run_steps
 
-    ref_losses, ref_state = run_steps("reference", loss)
-    cpu_losses, cpu_state = run_steps("cpu", loss)
-    torch.testing.assert_close(cpu_losses[0], ref_losses[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cpu_losses, ref_losses, rtol=2e-3, atol=2e-3)
-    for a, b in zip(cpu_state.G_ema.parameters(), ref_state.G_ema.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    ref = run_steps("reference", loss)
+    cpu = run_steps("cpu", loss)
+    torch.testing.assert_close(cpu.losses[0], ref.losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.losses, ref.losses, rtol=2e-3, atol=2e-3)
+    assert_same_ema_change(cpu, ref)
 
 
 def test_cli_trains_with_the_cpu_backend(tmp_path, capsys):
