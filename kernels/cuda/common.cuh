@@ -70,10 +70,16 @@ __device__ __forceinline__ A block_sum(A v, A* scratch) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The most blocks grid_for gives a launch. The CPU emulation (kernels/emulation) lowers it so that
+// its tests make every grid-stride loop take several passes on small tensors.
+#ifndef PROGAN_MAX_GRID_BLOCKS
+#define PROGAN_MAX_GRID_BLOCKS (65535 * 8)
+#endif
+
 // Grid size for a 1D grid-stride launch: enough blocks to fill the GPU, never more than needed.
 inline unsigned grid_for(int64_t work, int threads) {
-  const int64_t blocks = ceil_div(work, threads);
-  return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+  const int64_t blocks = ceil_div(work, threads), cap = PROGAN_MAX_GRID_BLOCKS;
+  return static_cast<unsigned>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
 }
 
 }  // namespace progan::cuda

@@ -1,0 +1,3 @@
+// Emulation build only: stands in for the CUDA toolkit's <cuda_fp16.h> (kernels/emulation/README.md).
+#pragma once
+#include "progan_emu/cuda.h"
