@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import data as datamod
-from . import image_folder
+from . import image_folder, pyramid_file
 from .cli import UsageError
 from .gan_state import AMP_DTYPES
 from .losses import LOSSES
@@ -52,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-3
     ema_beta: float = _LAPTOP["ema_beta"]
     seed: int = 0
+    mirror: bool = False  # flip each real image left-right with probability 1/2 (x-flip augmentation)
 
     def network_config(self) -> NetworkConfig:
         return NetworkConfig(self.max_res, self.latent_size, self.fmap_base, self.fmap_max, self.mbstd_group_size)
@@ -137,7 +139,17 @@ def validate(config: TrainConfig, options: RunOptions) -> None:
 
 
 def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.ImageDataset:
-    """The run's dataset: the embedded set, or ``config.data`` decoded through the cache in ``run_dir``."""
+    """The run's dataset: the embedded set, or ``config.data``: a folder or a zip archive of images
+    (decoded through the cache in ``run_dir``), or a prepared dataset (memory-mapped as it is)."""
     if config.data is None:
         return datamod.load_default_dataset(config.max_res)
-    return image_folder.load_image_folder(config.data, config.max_res, cache_dir=run_dir / "cache", progress=progress)
+    path = Path(config.data)
+    cache = dict(cache_dir=run_dir / "cache", progress=progress)
+    if not path.is_file():  # a folder (or nothing there: the folder loader says so)
+        return image_folder.load_image_folder(path, config.max_res, **cache)
+    if path.suffix.lower() in image_folder.IMAGE_EXTENSIONS:
+        raise datamod.DataError(f"--data {path} is an image file; pass the folder or zip archive that holds the "
+                                "images, or a prepared dataset (python -m progan_fast.dataset)")
+    if path.suffix.lower() == ".zip" or (zipfile.is_zipfile(path) and not pyramid_file.is_prepared(path)):
+        return image_folder.load_image_zip(path, config.max_res, **cache)
+    return pyramid_file.load_prepared(path, config.max_res)

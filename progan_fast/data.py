@@ -101,6 +101,18 @@ def check_resolution(max_res: int) -> None:
         )
 
 
+def mirror(batch: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``batch`` ``[N, C, H, W]`` with the images where ``flip`` ``[N]`` (bool) is set flipped left-right.
+
+    The official code's ``mirror_augment`` (CelebA-HQ, LSUN): a fair coin per image, drawn on the
+    device by the caller so the whole step stays capturable; the labels of a conditional run are
+    untouched by construction (only pixels move).
+    """
+    if flip.shape != batch.shape[:1]:
+        raise ValueError(f"mirror: one flag per image expected, got {tuple(flip.shape)} for {tuple(batch.shape)}")
+    return torch.where(flip.view(-1, *([1] * (batch.dim() - 1))), batch.flip(-1), batch)
+
+
 def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1)."""
     if batch_uint8.dtype != torch.uint8:

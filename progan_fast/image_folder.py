@@ -1,18 +1,23 @@
-"""Image folders: every image under a folder, decoded once into the resolution pyramid, and cached.
+"""Image folders and zip archives: every image decoded once into the resolution pyramid, and cached.
 
 :func:`load_image_folder` scans the folder (recursively; png, jpg, webp, bmp), decodes the files on
 a few threads (centre crop to square, Lanczos resize to ``max_res``; alpha composited over white,
 16-bit scaled to 8-bit), skips and counts the files it cannot use, and builds the pyramid with
 :func:`progan_fast.data.build_pyramid`. The decoded pyramid is cached in a file keyed on the
 folder's names, sizes and mtimes, written atomically and memory-mapped when read back.
+:func:`load_image_zip` does the same for the image members of a zip archive, read from the archive
+without extracting it (its cache is keyed on the archive's size and mtime). Both give the images
+in the same order (sorted relative paths), so a folder and a zip of it give the same dataset.
 
-Depends on :mod:`progan_fast.data` and on torch, numpy, Pillow and tqdm, nothing else of the package.
+Depends on :mod:`progan_fast.data`, :mod:`progan_fast.pyramid_file` and on torch, numpy, Pillow and tqdm, nothing else of the package.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import os
-import tempfile
+import zipfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,9 +28,10 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from . import pyramid_file
 from .data import MIN_RES, DataError, ImageDataset, build_pyramid, check_resolution, plural
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "load_image_folder", "load_image_zip"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -58,14 +64,19 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _decode_image(path: str, max_res: int):
+def _zip_member(archive: zipfile.ZipFile, name: str) -> io.BytesIO:
+    return io.BytesIO(archive.read(name))  # ZipFile reads are thread-safe (a lock around the file)
+
+
+def _decode_image(path, max_res: int):
     """Decode one file -> ("ok", uint8 [3, R, R], (w, h)) | ("small", None, (w, h)) |
     ("huge", None, error message) | ("unreadable", None, error message).  Never raises for bad files.
 
     "huge": more pixels than twice ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb, or a header
-    that claims such a size); Pillow refuses these from the header alone, before decoding."""
+    that claims such a size); Pillow refuses these from the header alone, before decoding.
+    ``path``: a file path, or a callable that returns the file (a zip member)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path() if callable(path) else path) as img:
             w0, h0 = img.size
             if img.format == "JPEG" and min(w0, h0) >= 4 * max_res:
                 # DCT-domain downscale by 2/4/8 while keeping >= 2*max_res on the short side.
@@ -115,6 +126,10 @@ def _cache_paths(root: Path, rels: list, max_res: int, cache_dir: Path):
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{rel}\0missing\n".encode())
+    return _cache_file(root, h, max_res, cache_dir)
+
+
+def _cache_file(root: Path, h, max_res: int, cache_dir: Path):
     key = h.hexdigest()[:24]
     folder_tag = hashlib.sha1(str(root).encode()).hexdigest()[:10]
     prefix = f"progan_data_{folder_tag}_{max_res}px_"
@@ -125,58 +140,22 @@ def _read_cache(path: Path, max_res: int):
     if not path.is_file():
         return None
     try:
-        # Memory-mapped: the levels are read from the file as batches touch them, and the ranks of a
-        # torchrun job share one copy in the page cache instead of holding one each.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(obj, dict) or obj.get("format") != _CACHE_FORMAT or obj.get("max_res") != max_res:
-            return None
-        levels = obj["levels"]
-        n = int(obj["num_images"])
-        expected = [2 ** k for k in range(2, max_res.bit_length()) if 2 ** k <= max_res]
-        if sorted(levels) != expected:
-            return None
-        for r, t in levels.items():
-            if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (n, 3, r, r)):
-                return None
-        levels = {r: levels[r].contiguous() for r in expected}
-        return levels, str(obj["source"]), str(obj["summary"])
+        obj = pyramid_file.read(path, max_res, _CACHE_FORMAT)
+        return obj["levels"], str(obj["source"]), str(obj["summary"])
     except Exception:  # corrupt / truncated / foreign file: ignore and rebuild
         return None
 
 
 def _write_cache(path: Path, prefix: str, levels: dict, source: str, summary: str, max_res: int) -> None:
-    obj = {
-        "format": _CACHE_FORMAT,
-        "max_res": max_res,
-        "num_images": int(levels[max_res].shape[0]),
-        "source": source,
-        "summary": summary,
-        "levels": levels,
-    }
-    tmp_name = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_name, path)
-        tmp_name = None
-        # Remove stale caches of the same folder at the same resolution.
-        for old in path.parent.glob(prefix + "*.pt"):
-            if old != path:
-                try:
-                    old.unlink()
-                except OSError:
-                    pass
+        pyramid_file.write(path, levels, source, summary, max_res, _CACHE_FORMAT)
     except OSError as e:
         warnings.warn(f"could not write the data cache {path}: {e}", RuntimeWarning, stacklevel=3)
-    finally:
-        if tmp_name is not None:
+        return
+    for old in path.parent.glob(prefix + "*.pt"):  # stale caches of the same source and resolution
+        if old != path:
             try:
-                os.unlink(tmp_name)
+                old.unlink()
             except OSError:
                 pass
 
@@ -208,11 +187,56 @@ def load_image_folder(
         raise DataError(
             f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in {root_given}"
         )
+    cache = _cache_paths(root, rels, max_res, Path(cache_dir)) if cache_dir is not None else None
+    return _load(rels, [str(root / rel) for rel in rels], max_res, str(root_given), cache, progress)
 
-    cache_file = prefix = None
-    if cache_dir is not None:
-        cache_file, prefix = _cache_paths(root, rels, max_res, Path(cache_dir))
-        cached = _read_cache(cache_file, max_res)
+
+def _zip_images(archive: zipfile.ZipFile) -> list[str]:
+    """Sorted names of the archive's image members (macOS resource forks under __MACOSX/ left out)."""
+    return sorted(
+        info.filename for info in archive.infolist()
+        if not info.is_dir() and not info.filename.startswith("__MACOSX/")
+        and os.path.splitext(info.filename)[1].lower() in IMAGE_EXTENSIONS
+    )
+
+
+def load_image_zip(
+    path: Union[str, os.PathLike],
+    max_res: int,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    progress: bool = True,
+) -> ImageDataset:
+    """Load every image member of the zip archive ``path`` into a resolution pyramid, reading the
+    archive in place (nothing is extracted); otherwise as :func:`load_image_folder`. A
+    ``dataset.json`` in the archive (labels) is not an image and is left out."""
+    check_resolution(max_res)
+    max_res = int(max_res)
+    given = Path(path)
+    try:
+        archive = zipfile.ZipFile(given)
+    except FileNotFoundError:
+        raise DataError(f"data archive {given} does not exist") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f"data archive {given} is not a readable zip file (truncated or corrupt?): {e}") from None
+    with archive:
+        names = _zip_images(archive)
+        if not names:
+            raise DataError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in the zip archive {given}")
+        cache = None
+        if cache_dir is not None:
+            root = given.resolve()
+            st = os.stat(root)
+            h = hashlib.sha1(f"{_CACHE_FORMAT}\0zip\0{max_res}\0{root}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            cache = _cache_file(root, h, max_res, Path(cache_dir))
+        sources = [functools.partial(_zip_member, archive, name) for name in names]
+        return _load(names, sources, max_res, str(given), cache, progress)
+
+
+def _load(rels: list, sources: list, max_res: int, label: str, cache, progress: bool) -> ImageDataset:
+    """Decode ``sources`` (paths or zip-member readers, named ``rels``) into the pyramid, through the
+    cache file ``cache`` (``(path, prefix)``, or None)."""
+    if cache is not None:
+        cached = _read_cache(cache[0], max_res)
         if cached is not None:
             levels, source, summary = cached
             return ImageDataset(levels=levels, source=source, summary=summary, from_cache=True)
@@ -224,9 +248,8 @@ def load_image_folder(
     small = []  # (rel, (w, h))
     huge = []  # (rel, message): over Pillow's decompression-bomb limit
     workers = max(1, min(8, os.cpu_count() or 1))
-    paths = [str(root / rel) for rel in rels]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_decode_image, paths, [max_res] * n_files)
+        results = pool.map(_decode_image, sources, [max_res] * n_files)
         for rel, (status, arr, info) in tqdm(
             zip(rels, results), total=n_files, desc="decoding images", unit="img",
             disable=None if progress else True, leave=False,
@@ -247,14 +270,14 @@ def load_image_folder(
             fit = 1 << (min(bw, bh).bit_length() - 1)
             hint = f"; use --max-res {fit} or lower" if fit >= MIN_RES else ""
             raise DataError(
-                f"--max-res {max_res} is too large for the data in {root_given}: "
+                f"--max-res {max_res} is too large for the data in {label}: "
                 f"the largest usable image is {bw}x{bh}{hint}"
             )
         bad = unreadable + huge
         example = f" (e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""
         too_big = f", {len(huge):,} {_HUGE}" if huge else ""
         raise DataError(
-            f"no readable image in {root_given}: found {plural(n_files, 'image file')}, "
+            f"no readable image in {label}: found {plural(n_files, 'image file')}, "
             f"{len(unreadable):,} unreadable{too_big}{example}"
         )
 
@@ -270,10 +293,9 @@ def load_image_folder(
         skipped.append(f"{len(huge):,} {_HUGE}")
     if small:
         skipped.append(f"{len(small):,} smaller than {max_res}px")
-    summary = f"loaded {plural(count, 'image')} from {root_given}"
+    summary = f"loaded {plural(count, 'image')} from {label}"
     if skipped:
         summary += f" (skipped: {', '.join(skipped)})"
-    source = str(root_given)
-    if cache_file is not None:
-        _write_cache(cache_file, prefix, levels, source, summary, max_res)
-    return ImageDataset(levels=levels, source=source, summary=summary)
+    if cache is not None:
+        _write_cache(cache[0], cache[1], levels, label, summary, max_res)
+    return ImageDataset(levels=levels, source=label, summary=summary)

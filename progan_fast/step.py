@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import losses, ops
-from .data import to_float
+from .data import mirror, to_float
 from .gan_state import DeviceLossScaler, GANState
 from .ops.common import Alpha
 from .profiling import nvtx_range
@@ -198,17 +198,17 @@ class Iteration:
       steps, the number of finite and non-finite steps, the current and the longest run of
       non-finite steps. :meth:`read_window` reads and resets them when the trainer logs.
 
-    A call draws its randomness in the same order as the eager loop always did (batch indices, D's
-    latents, the penalty's mix, G's latents), so a captured and an eager run see the same numbers;
+    A call draws its randomness in the same order as the eager loop always did (batch indices, the
+    mirror coins with ``mirror``, D's latents, the penalty's mix, G's latents), so a captured and an eager run see the same numbers;
     every rank draws the global batch's and keeps its slice.
     """
 
     def __init__(self, state: GANState, res: int, batch: int, fade: bool, device: torch.device,
-                 images: torch.Tensor | None) -> None:
+                 images: torch.Tensor | None, mirror: bool = False) -> None:
         world = state.world
         if batch % world.size:
             raise ValueError(f"the global batch {batch} does not split evenly across {world.size} ranks")
-        self.state, self.res, self.batch, self.fade = state, res, batch, fade
+        self.state, self.res, self.batch, self.fade, self.mirror = state, res, batch, fade, mirror
         self.local_batch = batch // world.size
         self.images = images
         self.batch_buffer = None if images is not None else torch.empty(
@@ -250,6 +250,9 @@ class Iteration:
                 batch = self.images[self.state.world.take(idx)]
             else:
                 batch = self.batch_buffer
+            if self.mirror:  # one coin per image of the global batch; each rank keeps its rows
+                flip = self.state.world.take(torch.rand(self.batch, device=batch.device) < 0.5)
+                batch = mirror(batch, flip)
             reals = fade_reals(to_float(batch), alpha)
         out = train_step(self.state, reals, self.res, alpha)
         bad = out.non_finite

@@ -49,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data and run folder")
-    g.add_argument("--data", metavar="DIR", default=None,
-                   help="folder of images (searched recursively: png, jpg, webp, bmp); they are center-cropped, "
-                        "resized to --max-res once and cached in the run folder. Default: the embedded emoji set (64x64)")
+    g.add_argument("--data", metavar="DIR|ZIP|FILE", default=None,
+                   help="a folder of images (searched recursively: png, jpg, webp, bmp) or a zip archive of them, "
+                        "read in place; they are center-cropped, resized to --max-res once and cached in the run "
+                        "folder. Or a prepared dataset (python -m progan_fast.dataset), used as it is, memory-mapped. "
+                        "Default: the embedded emoji set (64x64)")
     g.add_argument("--out", metavar="DIR", type=Path, default=None,
                    help="run folder. Default: runs/<date-time> (with --resume auto: the newest run in runs/)")
     g.add_argument("--resume", metavar="auto|CKPT", default=None,
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step decay of the generator EMA used for samples (paper 0.999; the laptop preset's "
                         "phases are only a few hundred steps long, too short for 0.999 to follow G)")
     m.add_argument("--seed", type=int, default=0, help="seed for initialization, latents and batches")
+    m.add_argument("--mirror", action="store_true",
+                   help="x-flip augmentation: flip each real image left-right with probability 1/2, drawn on the "
+                        "device every step (the official code's mirror_augment, used for CelebA-HQ and LSUN; for "
+                        "data whose subjects have no preferred side)")
 
     r = p.add_argument_group("execution")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -154,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         ema_beta=pick("ema_beta"),
         seed=args.seed,
+        mirror=args.mirror,
     )
 
 

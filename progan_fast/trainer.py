@@ -244,7 +244,8 @@ class Trainer:
                 if self.step == 0:
                     self.state.reset_optimizers()
                 self.state.wrap_data_parallel(self.world, self.device, phase.res, phase.fading)
-                iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images)
+                iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images,
+                                      mirror=self.config.mirror)
                 iteration_phase = self.phase_index
                 bar.set_description(f"{phase.res}px {phase.name}")
             alpha = phase.alpha(self.step)

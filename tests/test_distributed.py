@@ -121,9 +121,10 @@ def test_the_world_comes_from_torchruns_environment():
 
 def test_two_gloo_ranks_train_to_the_same_weights_as_one_process(tmp_path):
     """Same global batch, an image folder (rank 0 builds the cache, rank 1 maps it), WGAN-GP (the
-    penalty's double backward under DDP), fade and stable phases."""
+    penalty's double backward under DDP), fade and stable phases, --mirror (each rank keeps its
+    rows of the global batch's coins)."""
     data = image_folder(tmp_path / "images")
-    args = TINY + ["--data", str(data), "--loss", "wgan-gp"]
+    args = TINY + ["--data", str(data), "--loss", "wgan-gp", "--mirror"]
     one = run_cli(args + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = run_cli(args + ["--out", str(tmp_path / "two")], ranks=2)

@@ -40,7 +40,8 @@ class Layer:
 
 #: The layers of progan_fast, top first. Names are relative to the package.
 LAYERS = (
-    Layer("command lines", ("train", "bench", "generate", "metrics", "ops.kernel_report", "ops.native_status")),
+    Layer("command lines", ("train", "bench", "generate", "metrics", "dataset", "ops.kernel_report",
+                            "ops.native_status")),
     Layer("training loop", ("trainer",)),
     Layer("run folder, run log, reading runs", ("run_folder", "run_log", "inference")),
     Layer("run settings", ("config",)),
@@ -57,6 +58,7 @@ LAYERS = (
     Layer("op support", ("ops.triton", "ops._amp", "ops._native")),
     Layer("command-line errors", ("cli",)),
     Layer("image folders", ("image_folder",)),
+    Layer("pyramid files", ("pyramid_file",)),
     Layer("leaves", ("__init__", "data", "schedule", "checkpoint", "images", "profiling", "distributed", "swd", "fid")),
 )
 

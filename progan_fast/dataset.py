@@ -1,0 +1,63 @@
+"""Prepare a dataset once: ``python -m progan_fast.dataset SRC --out FILE --max-res R``.
+
+Decodes every image of SRC (a folder, searched recursively, or a zip archive) exactly as training
+does (center crop, Lanczos resize to R, the 2x2-average pyramid down to 4x4), and writes the
+pyramid to FILE. ``python -m progan_fast.train --data FILE`` then trains from it without decoding
+again, memory-mapped, so host memory stays bounded for datasets larger than RAM; any
+``--max-res`` up to R works (the lower levels are the pyramid's, as in the official tfrecords).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import image_folder, pyramid_file
+from .data import DataError, check_resolution
+
+PROG = "progan_fast.dataset"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m progan_fast.dataset",
+        description="Decode a folder or zip archive of images once into a prepared dataset file for "
+                    "`python -m progan_fast.train --data FILE`.",
+        epilog="Example: %(prog)s ~/photos --out photos-256.pt --max-res 256")
+    p.add_argument("src", metavar="SRC", help="a folder of images (recursive: png, jpg, webp, bmp) or a zip archive")
+    p.add_argument("--out", metavar="FILE", type=Path, required=True, help="the prepared dataset to write")
+    p.add_argument("--max-res", type=int, required=True,
+                   help="resolution of the stored images, a power of two from 4 to 1024; training may use any "
+                        "--max-res up to it")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (otherwise refused)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_resolution(args.max_res)
+        out = args.out.expanduser()
+        if out.exists() and not args.overwrite:
+            raise DataError(f"{out} already exists; pass --overwrite to replace it")
+        if out.is_dir():
+            raise DataError(f"--out {out} is a folder; name the file to write")
+        src = Path(args.src).expanduser()
+        load = image_folder.load_image_zip if src.is_file() else image_folder.load_image_folder
+        dataset = load(src, args.max_res, cache_dir=None, progress=not args.no_progress)
+        pyramid_file.prepare(dataset, out)
+    except DataError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{PROG}: error: could not write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: {dataset.summary}; wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {args.max_res}x{args.max_res} "
+          f"down to 4x4)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Files that hold a decoded resolution pyramid: the trainer's data cache and prepared datasets.
+
+One format for both (a ``torch.save`` dict: ``format``, ``max_res``, ``num_images``, ``source``,
+``summary``, ``levels`` {res: uint8 [N, 3, res, res]}, plus extras such as ``labels``), written
+atomically and read back memory-mapped, so host memory stays bounded by what batches touch.
+
+- :func:`write` / :func:`read`: the file itself; :class:`PyramidFileError` says why one is unusable.
+- :func:`prepare` / :func:`load_prepared`: a prepared dataset (``python -m progan_fast.dataset``),
+  made once from a folder or zip archive and trained from with ``--data FILE`` without decoding again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .data import DataError, ImageDataset, check_resolution
+
+#: The format tag of prepared datasets; bump it when their layout or the decoding changes.
+PREPARED_FORMAT = "progan_fast.dataset/1"
+
+
+class PyramidFileError(Exception):
+    """A pyramid file that cannot be used; ``str(e)`` says why (for a prepared dataset's message)."""
+
+
+def read(path: Path, max_res: int, fmt: str, at_least: bool = False) -> dict:
+    """The saved pyramid in ``path`` (levels memory-mapped), or :class:`PyramidFileError`.
+
+    ``at_least``: the file may hold larger images than ``max_res`` (a prepared dataset); the levels
+    up to ``max_res`` are returned. Returns the saved dict with ``levels`` replaced."""
+    try:
+        # Memory-mapped: the levels are read from the file as batches touch them, and the ranks of a
+        # torchrun job share one copy in the page cache instead of holding one each.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        raise PyramidFileError(f"it is not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    if not isinstance(obj, dict) or not isinstance(obj.get("format"), str):
+        raise PyramidFileError("it holds no dataset")
+    if obj["format"] != fmt:
+        raise PyramidFileError(f"it was written by another version of progan_fast (format {obj['format']!r}, "
+                               f"this version reads {fmt!r})")
+    saved_res = obj.get("max_res")
+    if not isinstance(saved_res, int) or saved_res < max_res:
+        raise PyramidFileError(f"its images are {saved_res}x{saved_res}, smaller than --max-res {max_res}")
+    if saved_res != max_res and not at_least:
+        raise PyramidFileError(f"its images are {saved_res}x{saved_res}, not {max_res}x{max_res}")
+    levels, n = obj.get("levels"), obj.get("num_images")
+    expected = [2 ** k for k in range(2, max_res.bit_length()) if 2 ** k <= max_res]
+    if not isinstance(levels, dict) or not isinstance(n, int) or any(r not in levels for r in expected):
+        raise PyramidFileError("its resolution levels are incomplete")
+    for r in expected:
+        t = levels[r]
+        if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (n, 3, r, r)):
+            raise PyramidFileError(f"its {r}x{r} level is damaged")
+    obj["levels"] = {r: levels[r].contiguous() for r in expected}
+    return obj
+
+
+def write(path: Path, levels: dict, source: str, summary: str, max_res: int, fmt: str, **extra) -> None:
+    """Write the pyramid atomically (a temporary file, fsync, rename): a reader never sees half a file.
+    Raises OSError."""
+    obj = {"format": fmt, "max_res": max_res, "num_images": int(levels[max_res].shape[0]), "source": source,
+           "summary": summary, "levels": levels, **extra}
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
+        os.replace(tmp_name, path)
+        tmp_name = None
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether ``path`` is a file torch wrote (a zip container) that is not a plain image archive.
+
+    Both a torch file and a zip of images are zip containers; a torch file has its ``data.pkl``
+    record under one top folder."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") and name.count("/") == 1 for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def prepare(dataset: ImageDataset, out: Path) -> None:
+    """Write ``dataset`` (all its levels) to ``out`` as a prepared dataset (atomically)."""
+    write(out, dataset.levels, dataset.source, dataset.summary, dataset.max_res, PREPARED_FORMAT)
+
+
+def load_prepared(path: Path, max_res: int) -> ImageDataset:
+    """The prepared dataset ``path`` at ``max_res`` (memory-mapped), or DataError naming the problem."""
+    check_resolution(max_res)
+    try:
+        obj = read(path, int(max_res), PREPARED_FORMAT, at_least=True)
+    except PyramidFileError as e:
+        raise DataError(f"--data {path}: cannot use this prepared dataset: {e}; prepare it again with "
+                        f"python -m progan_fast.dataset SRC --out {path} --max-res {max_res}") from None
+    n = obj["num_images"]
+    summary = f"loaded {n:,} prepared image{'s' if n != 1 else ''} from {path} ({obj['summary']})"
+    return ImageDataset(levels=obj["levels"], source=str(path), summary=summary, from_cache=True)
