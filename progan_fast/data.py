@@ -56,6 +56,8 @@ class ImageDataset:
     source: str
     summary: str
     from_cache: bool = False  # True when the levels were read from the cache file
+    labels: Optional[torch.Tensor] = None  # int64 [N]: each image's class, when the source has labels
+    class_names: Optional[list[str]] = None  # class k's name (with labels)
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property

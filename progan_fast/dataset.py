@@ -2,7 +2,7 @@
 
 Decodes every image of SRC (a folder, searched recursively, or a zip archive) exactly as training
 does (center crop, Lanczos resize to R, the 2x2-average pyramid down to 4x4), and writes the
-pyramid to FILE. ``python -m progan_fast.train --data FILE`` then trains from it without decoding
+pyramid to FILE, with each image's class when asked (``--labels``). ``python -m progan_fast.train --data FILE`` then trains from it without decoding
 again, memory-mapped, so host memory stays bounded for datasets larger than RAM; any
 ``--max-res`` up to R works (the lower levels are the pyramid's, as in the official tfrecords).
 """
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-res", type=int, required=True,
                    help="resolution of the stored images, a power of two from 4 to 1024; training may use any "
                         "--max-res up to it")
+    p.add_argument("--labels", action="store_true",
+                   help="store each image's class (for --cond): from SRC's dataset.json "
+                        '({"labels": [["relative/path.png", 3], ...]}), or else from the class subfolders of SRC '
+                        "(sorted folder names)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (otherwise refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--out {out} is a folder; name the file to write")
         src = Path(args.src).expanduser()
         load = image_folder.load_image_zip if src.is_file() else image_folder.load_image_folder
-        dataset = load(src, args.max_res, cache_dir=None, progress=not args.no_progress)
+        dataset = load(src, args.max_res, cache_dir=None, progress=not args.no_progress, labels=args.labels)
         pyramid_file.prepare(dataset, out)
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

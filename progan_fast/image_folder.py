@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from . import labels as labelsmod
 from . import pyramid_file
 from .data import MIN_RES, DataError, ImageDataset, build_pyramid, check_resolution, plural
 
@@ -116,10 +117,10 @@ def _scan(root: Path):
     return found
 
 
-def _cache_paths(root: Path, rels: list, max_res: int, cache_dir: Path):
+def _cache_paths(root: Path, rels: list, max_res: int, cache_dir: Path, labels: bool = False):
     h = hashlib.sha1()
     h.update(_CACHE_FORMAT.encode())
-    h.update(f"\0{max_res}\0{root}\0".encode())
+    h.update(f"\0{max_res}\0{root}\0{'labels' if labels else ''}\0".encode())
     for rel in rels:
         try:
             st = os.stat(root / rel)
@@ -141,14 +142,14 @@ def _read_cache(path: Path, max_res: int):
         return None
     try:
         obj = pyramid_file.read(path, max_res, _CACHE_FORMAT)
-        return obj["levels"], str(obj["source"]), str(obj["summary"])
+        return obj["levels"], str(obj["source"]), str(obj["summary"]), obj.get("labels"), obj.get("class_names")
     except Exception:  # corrupt / truncated / foreign file: ignore and rebuild
         return None
 
 
-def _write_cache(path: Path, prefix: str, levels: dict, source: str, summary: str, max_res: int) -> None:
+def _write_cache(path: Path, prefix: str, dataset: ImageDataset) -> None:
     try:
-        pyramid_file.write(path, levels, source, summary, max_res, _CACHE_FORMAT)
+        pyramid_file.write(path, dataset, _CACHE_FORMAT)
     except OSError as e:
         warnings.warn(f"could not write the data cache {path}: {e}", RuntimeWarning, stacklevel=3)
         return
@@ -165,6 +166,7 @@ def load_image_folder(
     max_res: int,
     cache_dir: Union[str, os.PathLike, None] = None,
     progress: bool = True,
+    labels: bool = False,
 ) -> ImageDataset:
     """Load every image under ``path`` (recursively) into a resolution pyramid.
 
@@ -172,7 +174,8 @@ def load_image_folder(
     images whose shorter side is below ``max_res`` and unreadable files are
     skipped and counted in ``summary``.  With ``cache_dir``, the decoded pyramid
     is stored there and reused while the folder's files (names, sizes, mtimes)
-    are unchanged.
+    are unchanged.  With ``labels``, each image's class comes from the folder's
+    ``dataset.json``, or else from its class subfolder (:mod:`progan_fast.labels`).
     """
     check_resolution(max_res)
     max_res = int(max_res)
@@ -187,8 +190,16 @@ def load_image_folder(
         raise DataError(
             f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in {root_given}"
         )
-    cache = _cache_paths(root, rels, max_res, Path(cache_dir)) if cache_dir is not None else None
-    return _load(rels, [str(root / rel) for rel in rels], max_res, str(root_given), cache, progress)
+    found = None
+    if labels:
+        json_file = root / labelsmod.LABELS_FILE
+        found = (labelsmod.from_json(json_file.read_bytes().decode("utf-8", "replace"), rels, str(json_file))
+                 if json_file.is_file() else labelsmod.from_folders(rels, str(root_given)))
+    cache = None
+    if cache_dir is not None:
+        extra = [labelsmod.LABELS_FILE] if labels and (root / labelsmod.LABELS_FILE).is_file() else []
+        cache = _cache_paths(root, rels + extra, max_res, Path(cache_dir), labels)
+    return _load(rels, [str(root / rel) for rel in rels], max_res, str(root_given), cache, progress, found)
 
 
 def _zip_images(archive: zipfile.ZipFile) -> list[str]:
@@ -205,10 +216,11 @@ def load_image_zip(
     max_res: int,
     cache_dir: Union[str, os.PathLike, None] = None,
     progress: bool = True,
+    labels: bool = False,
 ) -> ImageDataset:
     """Load every image member of the zip archive ``path`` into a resolution pyramid, reading the
-    archive in place (nothing is extracted); otherwise as :func:`load_image_folder`. A
-    ``dataset.json`` in the archive (labels) is not an image and is left out."""
+    archive in place (nothing is extracted); otherwise as :func:`load_image_folder`, labels from the
+    archive's top-level ``dataset.json`` or class folders included."""
     check_resolution(max_res)
     max_res = int(max_res)
     given = Path(path)
@@ -222,27 +234,42 @@ def load_image_zip(
         names = _zip_images(archive)
         if not names:
             raise DataError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in the zip archive {given}")
+        found = None
+        if labels:
+            where = f"{given}:{labelsmod.LABELS_FILE}"
+            try:
+                text = archive.read(labelsmod.LABELS_FILE).decode("utf-8", "replace")
+            except KeyError:
+                text = None
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise DataError(f"cannot read {where}: {e}") from None
+            found = labelsmod.from_json(text, names, where) if text is not None else \
+                labelsmod.from_folders(names, str(given))
         cache = None
         if cache_dir is not None:
             root = given.resolve()
             st = os.stat(root)
-            h = hashlib.sha1(f"{_CACHE_FORMAT}\0zip\0{max_res}\0{root}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+            h = hashlib.sha1(f"{_CACHE_FORMAT}\0zip\0{max_res}\0{root}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                             f"{'labels' if labels else ''}".encode())
             cache = _cache_file(root, h, max_res, Path(cache_dir))
         sources = [functools.partial(_zip_member, archive, name) for name in names]
-        return _load(names, sources, max_res, str(given), cache, progress)
+        return _load(names, sources, max_res, str(given), cache, progress, found)
 
 
-def _load(rels: list, sources: list, max_res: int, label: str, cache, progress: bool) -> ImageDataset:
+def _load(rels: list, sources: list, max_res: int, label: str, cache, progress: bool,
+          found: labelsmod.Labels | None = None) -> ImageDataset:
     """Decode ``sources`` (paths or zip-member readers, named ``rels``) into the pyramid, through the
-    cache file ``cache`` (``(path, prefix)``, or None)."""
+    cache file ``cache`` (``(path, prefix)``, or None); ``found``: the images' labels, if any."""
     if cache is not None:
         cached = _read_cache(cache[0], max_res)
-        if cached is not None:
-            levels, source, summary = cached
-            return ImageDataset(levels=levels, source=source, summary=summary, from_cache=True)
+        if cached is not None and (cached[3] is not None) == (found is not None):
+            levels, source, summary, cached_labels, class_names = cached
+            return ImageDataset(levels=levels, source=source, summary=summary, from_cache=True,
+                                labels=cached_labels, class_names=class_names)
 
     n_files = len(rels)
     out = np.empty((n_files, 3, max_res, max_res), dtype=np.uint8)
+    kept_labels = []  # the labels of the images kept, in order
     count = 0
     unreadable = []  # (rel, message)
     small = []  # (rel, (w, h))
@@ -250,13 +277,15 @@ def _load(rels: list, sources: list, max_res: int, label: str, cache, progress: 
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_decode_image, sources, [max_res] * n_files)
-        for rel, (status, arr, info) in tqdm(
+        for i, (rel, (status, arr, info)) in enumerate(tqdm(
             zip(rels, results), total=n_files, desc="decoding images", unit="img",
             disable=None if progress else True, leave=False,
-        ):
+        )):
             if status == "ok":
                 out[count] = arr
                 count += 1
+                if found is not None:
+                    kept_labels.append(found.per_image[i])
             elif status == "small":
                 small.append((rel, info))
             elif status == "huge":
@@ -294,8 +323,13 @@ def _load(rels: list, sources: list, max_res: int, label: str, cache, progress: 
     if small:
         skipped.append(f"{len(small):,} smaller than {max_res}px")
     summary = f"loaded {plural(count, 'image')} from {label}"
+    if found is not None:
+        summary += f", {found.num_classes:,} class{'es' if found.num_classes != 1 else ''}"
     if skipped:
         summary += f" (skipped: {', '.join(skipped)})"
+    dataset = ImageDataset(levels=levels, source=label, summary=summary,
+                           labels=None if found is None else torch.tensor(kept_labels, dtype=torch.int64),
+                           class_names=None if found is None else list(found.class_names))
     if cache is not None:
-        _write_cache(cache[0], cache[1], levels, label, summary, max_res)
-    return ImageDataset(levels=levels, source=label, summary=summary)
+        _write_cache(cache[0], cache[1], dataset)
+    return dataset

@@ -57,14 +57,22 @@ def read(path: Path, max_res: int, fmt: str, at_least: bool = False) -> dict:
         if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and tuple(t.shape) == (n, 3, r, r)):
             raise PyramidFileError(f"its {r}x{r} level is damaged")
     obj["levels"] = {r: levels[r].contiguous() for r in expected}
+    labels, names = obj.get("labels"), obj.get("class_names")
+    if labels is not None:
+        if not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == (n,)
+                and isinstance(names, list) and names and all(isinstance(c, str) for c in names)
+                and (n == 0 or 0 <= int(labels.min()) <= int(labels.max()) < len(names))):
+            raise PyramidFileError("its labels are damaged")
     return obj
 
 
-def write(path: Path, levels: dict, source: str, summary: str, max_res: int, fmt: str, **extra) -> None:
-    """Write the pyramid atomically (a temporary file, fsync, rename): a reader never sees half a file.
-    Raises OSError."""
-    obj = {"format": fmt, "max_res": max_res, "num_images": int(levels[max_res].shape[0]), "source": source,
-           "summary": summary, "levels": levels, **extra}
+def write(path: Path, dataset: ImageDataset, fmt: str) -> None:
+    """Write ``dataset`` atomically (a temporary file, fsync, rename): a reader never sees half a
+    file. Raises OSError."""
+    obj = {"format": fmt, "max_res": dataset.max_res, "num_images": len(dataset), "source": dataset.source,
+           "summary": dataset.summary, "levels": dataset.levels}
+    if dataset.labels is not None:
+        obj.update(labels=dataset.labels, class_names=list(dataset.class_names))
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,8 +107,9 @@ def is_prepared(path: Path) -> bool:
 
 
 def prepare(dataset: ImageDataset, out: Path) -> None:
-    """Write ``dataset`` (all its levels) to ``out`` as a prepared dataset (atomically)."""
-    write(out, dataset.levels, dataset.source, dataset.summary, dataset.max_res, PREPARED_FORMAT)
+    """Write ``dataset`` (all its levels, and its labels if it has them) to ``out`` as a prepared
+    dataset (atomically)."""
+    write(out, dataset, PREPARED_FORMAT)
 
 
 def load_prepared(path: Path, max_res: int) -> ImageDataset:
@@ -113,4 +122,5 @@ def load_prepared(path: Path, max_res: int) -> ImageDataset:
                         f"python -m progan_fast.dataset SRC --out {path} --max-res {max_res}") from None
     n = obj["num_images"]
     summary = f"loaded {n:,} prepared image{'s' if n != 1 else ''} from {path} ({obj['summary']})"
-    return ImageDataset(levels=obj["levels"], source=str(path), summary=summary, from_cache=True)
+    return ImageDataset(levels=obj["levels"], source=str(path), summary=summary, from_cache=True,
+                        labels=obj.get("labels"), class_names=obj.get("class_names"))

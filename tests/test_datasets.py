@@ -175,3 +175,75 @@ def test_prepare_refuses_to_overwrite_and_reports_bad_sources(tmp_path, capsys):
     assert dataset_cli.main([str(folder), "--out", str(tmp_path / "y.pt"), "--max-res", "12"]) == 2
     assert "power of two" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
+
+
+# ----- labels (for class-conditional training) ------------------------------------------------------
+
+def test_labels_from_class_folders_match_between_folder_zip_and_prepared(tmp_path):
+    folder = make_folder(tmp_path / "images")  # sub0: images 0, 2, 4, 6, 8; sub1: 1, 3, 5, 7; tiny/broken at the top
+    for f in (folder / "tiny.png", folder / "broken.png"):
+        f.rename(folder / "sub1" / f.name)  # every image in a class folder (these two are skipped)
+    ds = load_image_folder(folder, 16, progress=False, labels=True)
+    assert ds.class_names == ["sub0", "sub1"]
+    # Sorted names: sub0/img0,2,4,6,8 then sub1/img1,3,5,7 (broken and tiny skipped, their labels dropped).
+    assert ds.labels.tolist() == [0] * 5 + [1] * 4
+    assert "2 classes" in ds.summary
+    zipped = load_image_zip(zip_of(folder, tmp_path / "images.zip"), 16, progress=False, labels=True)
+    assert torch.equal(zipped.labels, ds.labels) and zipped.class_names == ds.class_names
+    out = tmp_path / "prepared.pt"
+    assert dataset_cli.main([str(folder), "--out", str(out), "--max-res", "16", "--labels", "--no-progress"]) == 0
+    prepared = pyramid_file.load_prepared(out, 8)
+    assert torch.equal(prepared.labels, ds.labels) and prepared.class_names == ["sub0", "sub1"]
+    # Without --labels there are none, and the run's cache keeps the two apart.
+    cache = tmp_path / "cache"
+    assert load_image_folder(folder, 16, cache_dir=cache, progress=False).labels is None
+    again = load_image_folder(folder, 16, cache_dir=cache, progress=False, labels=True)
+    assert not again.from_cache and torch.equal(again.labels, ds.labels)
+    assert torch.equal(load_image_folder(folder, 16, cache_dir=cache, progress=False, labels=True).labels, ds.labels)
+
+
+def write_json(folder: Path, labels) -> None:
+    import json
+
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+
+
+def test_labels_from_dataset_json(tmp_path):
+    folder = make_folder(tmp_path / "images")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    write_json(folder, [[n, i % 3] for i, n in enumerate(names)])
+    ds = load_image_folder(folder, 16, progress=False, labels=True)
+    usable = [i % 3 for i, n in enumerate(names) if n not in ("broken.png", "tiny.png")]
+    assert ds.labels.tolist() == usable and ds.class_names == ["0", "1", "2"]
+    zipped = load_image_zip(zip_of(folder, tmp_path / "images.zip"), 16, progress=False, labels=True)
+    assert torch.equal(zipped.labels, ds.labels)
+
+
+@pytest.mark.parametrize("problem,expected", [
+    ("missing image", "dataset.json names sub0/gone.png, which is not an image there"),
+    ("negative", "the label of sub0/img0.jpg is -1, out of range"),
+    ("not a number", "must be a class number (an integer), not 'cat'"),
+    ("unlabelled", "sub1/img7.png has no label in"),
+    ("no labels", "has no labels"),
+    ("no class folder", "broken.png in"),
+])
+def test_a_bad_label_source_exits_2_with_one_message(tmp_path, capsys, problem, expected):
+    folder = make_folder(tmp_path / "images")
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    labels = [[n, 0] for n in names]
+    if problem == "missing image":
+        labels.append(["sub0/gone.png", 1])
+    elif problem == "negative":
+        labels[names.index("sub0/img0.jpg")][1] = -1
+    elif problem == "not a number":
+        labels[0][1] = "cat"
+    elif problem == "unlabelled":
+        labels = [entry for entry in labels if entry[0] != "sub1/img7.png"]
+    elif problem == "no labels":
+        labels = None
+    if problem != "no class folder":
+        write_json(folder, labels)
+    out = tmp_path / "prepared.pt"
+    assert dataset_cli.main([str(folder), "--out", str(out), "--max-res", "8", "--labels", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert expected in one_error_line(err) and not out.exists(), err

@@ -58,7 +58,7 @@ LAYERS = (
     Layer("op support", ("ops.triton", "ops._amp", "ops._native")),
     Layer("command-line errors", ("cli",)),
     Layer("image folders", ("image_folder",)),
-    Layer("pyramid files", ("pyramid_file",)),
+    Layer("dataset labels and pyramid files", ("labels", "pyramid_file")),
     Layer("leaves", ("__init__", "data", "schedule", "checkpoint", "images", "profiling", "distributed", "swd", "fid")),
 )
 
