@@ -190,15 +190,15 @@ def load_image_folder(
         raise DataError(
             f"no image files ({' '.join(IMAGE_EXTENSIONS)}) found in {root_given}"
         )
+    json_file = root / labelsmod.LABELS_FILE
+    has_json = labels and json_file.is_file()
     found = None
     if labels:
-        json_file = root / labelsmod.LABELS_FILE
-        found = (labelsmod.from_json(json_file.read_bytes().decode("utf-8", "replace"), rels, str(json_file))
-                 if json_file.is_file() else labelsmod.from_folders(rels, str(root_given)))
+        found = (labelsmod.from_json(json_file.read_text(encoding="utf-8", errors="replace"), rels, str(json_file))
+                 if has_json else labelsmod.from_folders(rels, str(root_given)))
     cache = None
-    if cache_dir is not None:
-        extra = [labelsmod.LABELS_FILE] if labels and (root / labelsmod.LABELS_FILE).is_file() else []
-        cache = _cache_paths(root, rels + extra, max_res, Path(cache_dir), labels)
+    if cache_dir is not None:  # the key covers dataset.json too (its size and mtime) when it gives the labels
+        cache = _cache_paths(root, rels + [labelsmod.LABELS_FILE] * has_json, max_res, Path(cache_dir), labels)
     return _load(rels, [str(root / rel) for rel in rels], max_res, str(root_given), cache, progress, found)
 
 

@@ -231,7 +231,7 @@ def run_minibatch_stddev(emu, shape, group, dtype, placement="end"):
 # ----- the kernels ----------------------------------------------------------------------------------
 
 @pytest.fixture
-def grid_cap(emu, request):
+def configure_case(emu, request):
     """Configure the emulator for one case: a seed from the case's id, every check on, the grid cap."""
     def apply(cap):
         emu.configure(seed=zlib.crc32(request.node.name.encode()), max_grid_blocks=cap or 65535 * 8)
@@ -240,8 +240,8 @@ def grid_cap(emu, request):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape,cap", SHAPES)
-def test_pixel_norm(emu, grid_cap, shape, cap, dtype):
-    grid_cap(cap)
+def test_pixel_norm(emu, configure_case, shape, cap, dtype):
+    configure_case(cap)
     run_pixel_norm(emu, shape, dtype)
 
 
@@ -249,21 +249,21 @@ def test_pixel_norm(emu, grid_cap, shape, cap, dtype):
 @pytest.mark.parametrize("activation,pixel_norm", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["act-pn", "act", "pn", "linear"])
 @pytest.mark.parametrize("shape,cap", SHAPES)
-def test_conv_epilogue(emu, grid_cap, shape, cap, activation, pixel_norm, dtype):
-    grid_cap(cap)
+def test_conv_epilogue(emu, configure_case, shape, cap, activation, pixel_norm, dtype):
+    configure_case(cap)
     run_conv_epilogue(emu, shape, dtype, activation, pixel_norm)
 
 
-def test_conv_epilogue_without_bias(emu, grid_cap):
-    grid_cap(None)
+def test_conv_epilogue_without_bias(emu, configure_case):
+    configure_case(None)
     run_conv_epilogue(emu, (2, 3, 5, 7), torch.float32, True, True, with_bias=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape,cap", [pytest.param((1, 3, 2, 3), None, id="n1-c3-2x3"),
                                        pytest.param((2, 5, 7, 5), 1, id="n2-c5-7x5-grid1")])  # 350 > 256
-def test_fade_in_and_fade_reals(emu, grid_cap, shape, cap, dtype):
-    grid_cap(cap)
+def test_fade_in_and_fade_reals(emu, configure_case, shape, cap, dtype):
+    configure_case(cap)
     run_fade_in(emu, shape, dtype)
 
 
@@ -271,8 +271,8 @@ def test_fade_in_and_fade_reals(emu, grid_cap, shape, cap, dtype):
 # 1000 and 4096 take the 16-byte vector path (numel a multiple of the vector width in every dtype);
 # 1001 and 37 the scalar one; 4096 with a cap of 1 block runs several grid-stride passes of vectors.
 @pytest.mark.parametrize("numel,cap", [(37, None), (1001, 2), (1000, None), (4096, 1)])
-def test_blend(emu, grid_cap, numel, cap, dtype):
-    grid_cap(cap)
+def test_blend(emu, configure_case, numel, cap, dtype):
+    configure_case(cap)
     run_blend(emu, numel, dtype)
 
 
@@ -280,8 +280,8 @@ def test_blend(emu, grid_cap, numel, cap, dtype):
 @pytest.mark.parametrize("shape,cap", [pytest.param((1, 3, 4, 6), None, id="n1-c3-4x6"),
                                        pytest.param((2, 5, 13, 11), 1, id="n2-c5-13x11-odd-grid1"),  # 300 > 256
                                        pytest.param((3, 1, 5, 4), None, id="n3-c1-5x4-odd-h")])
-def test_downsample2x(emu, grid_cap, shape, cap, dtype):
-    grid_cap(cap)
+def test_downsample2x(emu, configure_case, shape, cap, dtype):
+    configure_case(cap)
     run_downsample2x(emu, shape, dtype)
 
 
@@ -291,15 +291,15 @@ def test_downsample2x(emu, grid_cap, shape, cap, dtype):
     pytest.param((6, 5, 3, 3), 4, None, id="n6-g3-c5"),  # group 4 does not divide 6: effective 3
     pytest.param((8, 7, 9, 11), 4, 2, id="n8-g4-f693-grid2"),  # F = 693: three 256-feature blocks, the last partial
 ])
-def test_minibatch_stddev(emu, grid_cap, shape, group, cap, dtype):
-    grid_cap(cap)
+def test_minibatch_stddev(emu, configure_case, shape, group, cap, dtype):
+    configure_case(cap)
     run_minibatch_stddev(emu, shape, group, dtype)
 
 
 @pytest.mark.parametrize("placement", ["end", "start"])
-def test_every_kernel_against_guard_pages_at_both_ends(emu, grid_cap, placement):
+def test_every_kernel_against_guard_pages_at_both_ends(emu, configure_case, placement):
     """An index past the end faults with 'end'; one before the start with 'start'."""
-    grid_cap(2)
+    configure_case(2)
     shape = (2, 5, 7, 9)
     run_pixel_norm(emu, shape, torch.float32, placement)
     run_conv_epilogue(emu, shape, torch.float32, True, True, placement=placement)
@@ -318,10 +318,10 @@ def _kernels_in_sources() -> set[str]:
     return names
 
 
-def test_every_kernel_runs_in_every_dtype(emu, grid_cap):
+def test_every_kernel_runs_in_every_dtype(emu, configure_case):
     """The table above covers every __global__ kernel of kernels/cuda in all four dtypes (a new kernel
     without a test here fails this)."""
-    grid_cap(None)
+    configure_case(None)
     for dtype in DTYPES:
         run_pixel_norm(emu, (1, 3, 2, 2), dtype)
         for act, pn in [(True, True), (True, False)]:
