@@ -268,14 +268,14 @@ class Autotuner:
         """The backend for a key seen for the first time in this process, among ``impls`` (the
         candidates that may run these inputs; ``skipped`` says why the others may not)."""
         op, text = key[0], describe(key)
+        if text in self.choices and self.choices[text].backend in impls:  # e.g. requires_grad under no_grad
+            self._fast[key] = self.choices[text].backend
+            return self._fast[key]
         if self.capturing():
             raise AutotuneDuringCaptureError(
                 f"--backend auto: {text} was first seen while a CUDA graph was being captured; timing is not "
                 f"allowed there. Run the captured function eagerly with the same shapes first (graphs.py's "
                 f"warm-up steps do), or pick a fixed --backend")
-        if text in self.choices and self.choices[text].backend in impls:  # another key with the same string form
-            self._fast[key] = self.choices[text].backend
-            return self._fast[key]
         choice = Choice(op, text, label(key), "", "", skipped=dict(skipped))
         known = self._adopted.get(text), (self._cache(device_of(key)) or {}).get(text)
         for source, backend in zip(("checkpoint", "cache"), known):
