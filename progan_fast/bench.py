@@ -7,6 +7,9 @@ both Adam steps, EMA) in every configuration this machine can run, side by side 
 - ``compile``: the reference networks under ``torch.compile`` (not for ``wgan-gp``: torch.compile
   cannot run the gradient penalty's double backward, and the row says so);
 - each kernel backend (``triton`` on a GPU; ``cpu``/``cuda``, the native extension, when built);
+- ``auto``: every op on the backend measured fastest for its shapes (:mod:`progan_fast.ops.autotune`),
+  chosen in the warm-up steps (or read from the choice cache, as a training run would); its row
+  notes how many op signatures went to which backend;
 - each of those with ``+amp`` (bf16 autocast) and, on a GPU, ``+graphs`` and ``+amp+graphs``
   (one CUDA graph for the iteration).
 
@@ -67,6 +70,7 @@ class Result:
     img_per_s: float | None
     vs_reference: float | None = None
     note: str = ""
+    picks: str = ""  # auto: which backends its op signatures use
 
 
 def kernel_backends(device_type: str) -> list[str]:
@@ -82,7 +86,7 @@ def kernel_backends(device_type: str) -> list[str]:
 
 def variants_for(device_type: str, with_compile: bool) -> list[Variant]:
     out = []
-    for backend in kernel_backends(device_type):
+    for backend in kernel_backends(device_type) + ["auto"]:
         out.append(Variant(backend))
         if backend == "reference" and with_compile:
             out.append(Variant("reference", compile=True))
@@ -100,6 +104,9 @@ def _sync(device: torch.device) -> None:
 def time_variant(variant: Variant, res: int, batch: int, config: NetworkConfig, loss: str, device: torch.device,
                  steps: int, warmup: int) -> Result:
     ops.set_default_backend(variant.backend, device.type)
+    if variant.backend == "auto":
+        ops.autotune.TUNER.reset()  # so its choices afterwards are this configuration's
+        warmup = max(warmup, 1)  # choosing (timing or reading the cache) happens in the first step, untimed
     torch.manual_seed(0)
     state = GANState.create(config, device, loss=loss, amp_dtype=torch.bfloat16 if variant.amp else None,
                             capturable=variant.graphs)
@@ -129,7 +136,19 @@ def time_variant(variant: Variant, res: int, batch: int, config: NetworkConfig, 
     window = iteration.read_window()  # also proves the steps produced finite losses
     note = f"{window.non_finite_steps} steps with non-finite losses" if window.non_finite_steps else ""
     ms = 1000 * seconds / steps
-    return Result(res, batch, variant.name, ms, batch * steps / seconds, note=note)
+    return Result(res, batch, variant.name, ms, batch * steps / seconds, note=note,
+                  picks=auto_picks() if variant.backend == "auto" else "")
+
+
+def auto_picks() -> str:
+    """``auto``'s choices in the last configuration: op signatures per backend, how many were timed."""
+    choices = list(ops.autotune.TUNER.choices.values())
+    counts: dict[str, int] = {}
+    for c in choices:
+        counts[c.backend] = counts.get(c.backend, 0) + 1
+    timed = sum(c.source == "timed" for c in choices)
+    return (", ".join(f"{b} {n}" for b, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+            + f" of {len(choices)} op shapes ({timed} timed here)")
 
 
 def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, device: torch.device, steps: int,
@@ -174,7 +193,7 @@ def format_table(results: list[Result]) -> str:
         ms = f"{r.ms_per_step:9.2f}" if r.ms_per_step is not None else f"{'-':>9}"
         ips = f"{r.img_per_s:10.1f}" if r.img_per_s is not None else f"{'-':>10}"
         ratio = f"{r.vs_reference:12.2f}x" if r.vs_reference is not None else f"{'-':>13}"
-        lines.append(f"{r.res:>5} {r.batch:>5}  {r.variant:<22} {ms} {ips} {ratio}  {r.note}")
+        lines.append(f"{r.res:>5} {r.batch:>5}  {r.variant:<22} {ms} {ips} {ratio}  {r.note or r.picks}")
     return "\n".join(lines)
 
 

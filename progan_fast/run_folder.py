@@ -111,9 +111,11 @@ class RunFolder:
             self.log(f"removed {torn.name}, a checkpoint write that was killed before it finished")
 
     def write_checkpoint(self, state: GANState, config: TrainConfig, phase_index: int, step: int, images: int,
-                         data_fingerprint: str, device: torch.device, keep: int) -> Path:
+                         data_fingerprint: str, device: torch.device, keep: int,
+                         auto_choices: dict[str, str] | None = None) -> Path:
         """Write the checkpoint at ``images`` shown (schedule position ``phase_index``, ``step``)
-        and delete all but the newest ``keep``."""
+        and delete all but the newest ``keep``. ``auto_choices`` (``--backend auto``'s
+        ``{op signature: backend}``) are kept so that a resume computes every op as before."""
         payload = {
             "config": config.to_dict(),
             "phase_index": phase_index,
@@ -131,6 +133,8 @@ class RunFolder:
             "loss_scale": {name: scaler.state_dict() for name, scaler in (("D", state.scaler_D), ("G", state.scaler_G))
                            if scaler is not None},
         }
+        if auto_choices is not None:
+            payload["auto_choices"] = dict(auto_choices)
         return save_checkpoint(self.checkpoints, images, payload, keep=keep)
 
 

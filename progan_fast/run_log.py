@@ -1,6 +1,7 @@
 """What a run records as it trains, into its folder::
 
-    log.jsonl            one JSON object per log window (loss means, img/s, alpha) and per SWD measurement
+    log.jsonl            one JSON object per log window (loss means, img/s, alpha), per SWD measurement
+                         and, with --backend auto, per batch of new backend choices ("auto")
     tensorboard/         the same scalars, and the sample grids, for TensorBoard
     samples/             EMA-generator grids on fixed latents (fakes-<images>.png, latest.png); reals.png shows the data
     profile/             --profile's Chrome trace and op summary
@@ -93,6 +94,11 @@ class RunLog:
                 if isinstance(v, (int, float)) and k != "kimg":
                     self.writer.add_scalar(k, v, images)
         return record
+
+    def auto_choices(self, phase: Phase, images: int, choices: list[dict]) -> None:
+        """Record ``--backend auto``'s new choices (one dict per op signature: backend, source, timings)."""
+        if self._file is not None:
+            self._write({"kimg": round(images / 1000, 3), "res": phase.res, "phase": phase.name, "auto": choices})
 
     @torch.no_grad()
     def samples(self, G_ema: torch.nn.Module, res: int, alpha: float | None, images: int) -> Path | None:

@@ -96,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=("auto",) + ops.KNOWN_BACKENDS, default="reference",
                    help="kernel backend for every op: reference is plain PyTorch; triton runs our Triton kernels "
                         "(on a GPU; on the CPU only under TRITON_INTERPRET=1, which is for tests); cuda and cpu are the "
-                        "native extension (progan_fast._C: C++ CPU twins, CUDA kernels where built); auto picks triton on a GPU "
-                        "and reference on the CPU, which measured faster there for a whole step than the twins")
+                        "native extension (progan_fast._C: C++ CPU twins, CUDA kernels where built); auto times, on the first "
+                        "use of each op with each input shape, every backend that can run it here (cpu and reference on the "
+                        "CPU; triton, cuda and reference on a GPU), forward and backward, and keeps the fastest: one line per "
+                        "op says which won; the choices go to log.jsonl and the checkpoints (a resume keeps them) and are "
+                        "cached in ~/.cache/progan_fast (PROGAN_FAST_AUTO_CACHE=PATH moves the cache, =off disables it)")
     r.add_argument("--amp", action="store_true",
                    help="mixed precision: forward passes under autocast (see --amp-dtype), activations stored in "
                         "that dtype with float32 accumulation; losses, the gradient penalty's norm, weights and "

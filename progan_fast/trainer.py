@@ -101,6 +101,10 @@ class Trainer:
             self.backend = ops.set_default_backend(options.backend, self.device.type)
         except ops.BackendUnavailableError as e:
             raise UsageError(str(e)) from None
+        if self.backend == "auto":  # this run's choices: from its checkpoint, the disk cache, or timed here
+            ops.autotune.TUNER.reset()
+            self.log(f"backend auto: each op times its backends on first use of a shape; "
+                     f"{ops.autotune.cache_description(self.device)}")
         self.folder = RunFolder(options.out, self.log)
         checkpoint = self.folder.checkpoint_to_resume(config, options.resume)
 
@@ -118,6 +122,9 @@ class Trainer:
         if checkpoint is not None:
             self.phase_index, self.step = restore(checkpoint, self.state, config, self.dataset, self.phases,
                                                   self.device, self.log)
+            if self.backend == "auto" and checkpoint.get("auto_choices"):
+                ops.autotune.TUNER.adopt(checkpoint["auto_choices"])
+                self.log(f"backend auto: reusing the checkpoint's {len(checkpoint['auto_choices'])} choices")
         self.state.world = world
         self.run_log = RunLog(self.folder.path, config.latent_size, config.seed, self.device, main=world.is_main,
                               tensorboard=options.tensorboard, log=self.log)
@@ -184,8 +191,10 @@ class Trainer:
             )
         if not self.world.is_main:
             return None
+        auto = ops.autotune.TUNER.saved_choices() if self.backend == "auto" else None
         return self.folder.write_checkpoint(self.state, self.config, self.phase_index, self.step, self.images_done(),
-                                            self.dataset.fingerprint(), self.device, keep=self.options.keep_checkpoints)
+                                            self.dataset.fingerprint(), self.device, keep=self.options.keep_checkpoints,
+                                            auto_choices=auto)
 
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
@@ -263,6 +272,7 @@ class Trainer:
             self.step += 1
             bar.update(phase.batch)
             profiled = profiler.after_step(done_here, self.images_done())
+            self._report_auto_choices(phase)
 
             end_of_phase = self.step >= phase.steps
             images = self.images_done()
@@ -288,7 +298,18 @@ class Trainer:
             if stopping:
                 break
         profiler.close(self.images_done())
+        self._report_auto_choices(self.phases[min(self.phase_index, len(self.phases) - 1)])  # the last samples' choices
         return self.phase_index >= len(self.phases)
+
+    def _report_auto_choices(self, phase: Phase) -> None:
+        """With ``--backend auto``: one line per op family for the choices made since the last
+        report (the first step of a phase makes them; sample grids add their no-grad shapes), and
+        a log.jsonl record."""
+        new = ops.autotune.TUNER.take_unreported() if self.backend == "auto" else None
+        if new:
+            for line in ops.autotune.format_report(new):
+                self.log(line)
+            self.run_log.auto_choices(phase, self.images_done(), [c.record() for c in new])
 
     def _log_window(self, phase: Phase, alpha: float | None, stats: Window, steps: int, started: float,
                     bar) -> None:

@@ -6,6 +6,8 @@ import torch
 # be set before progan_fast (and so triton.jit) is imported; on a GPU machine the real kernels run.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# --backend auto's choice cache stays out of the user's ~/.cache; the cache's own tests set it.
+os.environ.setdefault("PROGAN_FAST_AUTO_CACHE", "off")
 
 import pytest  # noqa: E402
 
@@ -50,12 +52,15 @@ def _exact_fp32_convolutions():
 
 @pytest.fixture(autouse=True)
 def _reference_backend():
-    """Every test starts (and leaves) the process-wide op backend at the reference."""
+    """Every test starts (and leaves) the process-wide op backend at the reference, and ``auto``
+    with no choices made."""
     from progan_fast import ops
 
     ops.set_default_backend("reference")
+    ops.autotune.TUNER.reset()
     yield
     ops.set_default_backend("reference")
+    ops.autotune.TUNER.reset()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -11,8 +11,10 @@ def test_configurations_per_device():
     cpu = [v.name for v in bench.variants_for("cpu", with_compile=True)]
     assert cpu[:2] == ["reference", "compile"] and "reference+amp" in cpu
     assert not any("graphs" in n or n.startswith("triton") for n in cpu)  # no interpreter timings, no graphs
+    assert cpu[-2:] == ["auto", "auto+amp"]  # beside every fixed backend
     gpu = [v.name for v in bench.variants_for("cuda", with_compile=False)]
     assert {"reference", "reference+amp", "reference+graphs", "reference+amp+graphs"} <= set(gpu)
+    assert gpu[-4:] == ["auto", "auto+amp", "auto+graphs", "auto+amp+graphs"]
     assert "compile" not in gpu
     assert bench.kernel_backends("cpu")[0] == "reference"
 
@@ -25,7 +27,15 @@ def test_quick_cpu_run_prints_the_table_and_saves_json(tmp_path, capsys):
     assert "ms/step" in printed and "reference+amp" in printed
     record = json.loads(out.read_text())
     rows = {(r["res"], r["variant"]): r for r in record["results"]}
-    assert set(rows) >= {(4, "reference"), (4, "reference+amp"), (8, "reference"), (8, "reference+amp")}
+    assert set(rows) >= {(4, "reference"), (4, "reference+amp"), (8, "reference"), (8, "reference+amp"),
+                         (4, "auto"), (4, "auto+amp"), (8, "auto"), (8, "auto+amp")}
+    # auto chose in its (forced) warm-up step, and says how: every op shape on some backend, all timed here
+    for res in (4, 8):
+        picks = rows[(res, "auto")]["picks"]
+        n = int(picks.split(" of ")[1].split()[0])
+        assert n > 5 and sum(int(part.split()[1]) for part in picks.split(" of ")[0].split(", ")) == n, picks
+        assert f"({n} timed here)" in picks
+        assert picks in printed
     for (res, name), r in rows.items():
         assert r["note"] == "", (res, name, r["note"])
         assert r["img_per_s"] > 0 and r["ms_per_step"] > 0

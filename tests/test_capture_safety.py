@@ -290,6 +290,35 @@ def test_the_kernel_backends_take_alpha_in_a_tensor_and_never_sync(backend):
     assert_capture_safe(first, second)
 
 
+def test_auto_chooses_in_the_warm_up_step_and_is_capture_safe_after(monkeypatch):
+    """``--backend auto`` times each op signature at its first call, in an eager warm-up step; later
+    steps only look the choice up, so they issue the chosen backends' ops, never sync, and never
+    time. Here a fixed timer makes the native twins win the pointwise ops and the reference the
+    conv, and "capture" starts after the first step: a new signature then would raise."""
+    if not _backend_available("cpu"):
+        pytest.skip("backend cpu is not available here")
+    timed, capturing = [], [False]
+
+    def timer(trial):
+        timed.append(trial.key)
+        cpu_wins = trial.op != "conv2d_bias_lrelu"
+        return 1.0 if (trial.backend == "cpu") == cpu_wins else 2.0
+
+    monkeypatch.setattr(ops.autotune, "TUNER", ops.autotune.Autotuner(timer=timer, capturing=lambda: capturing[0]))
+    ops.set_default_backend("auto", "cpu")
+    it, images = make_iteration("wgan-gp", None, True, False)
+    it.set_alpha(0.5)
+    it()  # the eager warm-up step: every signature is timed here
+    chosen = len(timed)
+    capturing[0] = True
+    first, second = run_two_steps(it, images, False)
+    assert chosen > 0 and len(timed) == chosen
+    names = {e.op for e in first}
+    assert "progan_fast_native::pixel_norm" in names and "aten::convolution" in names
+    assert not names & HOST_SYNC_OPS, sorted(names & HOST_SYNC_OPS)
+    assert_capture_safe(first, second)
+
+
 def test_the_check_catches_a_host_sync():
     """The default (for-each, non-capturable) Adam reads its step count on the host: caught."""
     it, images = make_iteration("nonsat", None, False, False, fused_adam=False)

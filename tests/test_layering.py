@@ -55,6 +55,8 @@ LAYERS = (
     Layer("shared Triton kernels", ("ops.triton.elementwise",)),
     Layer("shared op references", ("ops.common",)),
     Layer("backend choice", ("ops._backend",)),
+    Layer("auto's measured choice", ("ops.autotune",)),
+    Layer("auto's choice cache", ("ops.autotune_cache",)),
     Layer("op support", ("ops.triton", "ops._amp", "ops._native")),
     Layer("command-line errors", ("cli",)),
     Layer("image folders", ("image_folder",)),

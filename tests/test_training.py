@@ -1,11 +1,11 @@
-"""Training behaviour: D learns, resume is bit-identical, a finished run grows."""
+"""Training behaviour: D learns, resume is bit-identical (with --backend auto too), a finished run grows."""
 
 import json
 
 import pytest
 import torch
 
-from progan_fast import train
+from progan_fast import ops, train
 from progan_fast.checkpoint import list_checkpoints, load_checkpoint
 from progan_fast.gan_state import GANState
 from progan_fast.networks import NetworkConfig
@@ -183,3 +183,69 @@ def test_adam_starts_afresh_at_every_phase(tmp_path):
         for opt in ("opt_G", "opt_D"):
             steps = {float(s["step"]) for s in c[opt]["state"].values()}
             assert steps == {phase_steps}, f"{opt} after phase {c['phase_index'] - 1}: steps {steps}"
+
+
+# ----- --backend auto --------------------------------------------------------------------------
+
+#: The ops a fake timer lets the native twins win (the conv goes to the reference), as measured on a CPU.
+CPU_WINS = {"pixel_norm", "minibatch_stddev", "downsample2x", "fade_in", "fade_reals", "blend"}
+
+
+def op_timer(flip=frozenset(), timed=None):
+    """A timer with fixed winners (``cpu`` for :data:`CPU_WINS`, else ``reference``), the other
+    way round for the keys in ``flip``; records every key it times in ``timed``."""
+    def timer(trial):
+        if timed is not None:
+            timed.append(trial.key)
+        cpu_wins = (trial.op in CPU_WINS) != (trial.key in flip)
+        return 1.0 if (trial.backend == "cpu") == cpu_wins else 2.0
+    return timer
+
+
+needs_cpu_backend = pytest.mark.skipif("cpu" not in ops.all_op_implementations()["pixel_norm"],
+                                       reason="the native library (cpu backend) is not built")
+
+
+@needs_cpu_backend
+def test_resume_with_auto_is_bit_identical_and_times_nothing_the_checkpoint_chose(tmp_path, monkeypatch, capsys):
+    autotune = ops.autotune
+    common = TINY + ["--loss", "wgan-gp", "--backend", "auto"]
+    monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(timer=op_timer()))
+    assert train.main(common + ["--out", str(tmp_path / "whole")]) == 0
+    assert train.main(common + ["--out", str(tmp_path / "split"), "--stop-after-kimg", "0.152"]) == 0
+    saved = final_state(tmp_path / "split")["auto_choices"]
+    assert set(saved.values()) == {"cpu", "reference"}  # both backends really run in this test
+    # The resumed run's timer would pick the other backend for every key the checkpoint holds.
+    timed = []
+    monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(timer=op_timer(flip=set(saved), timed=timed)))
+    capsys.readouterr()
+    assert train.main(common + ["--out", str(tmp_path / "split"), "--resume", "auto"]) == 0
+    assert f"reusing the checkpoint's {len(saved)} choices" in capsys.readouterr().err
+    assert not set(timed) & set(saved)
+    final = final_state(tmp_path / "split")
+    assert_same_training_state(final_state(tmp_path / "whole"), final)
+    assert {k: final["auto_choices"][k] for k in saved} == saved
+
+
+@needs_cpu_backend
+def test_auto_prints_one_line_per_op_family_and_logs_its_choices(tmp_path, monkeypatch, capsys):
+    autotune = ops.autotune
+    monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(timer=op_timer()))
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--backend", "auto", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "backend auto: each op times its backends on first use" in err and "no choice cache" in err
+    printed = [line.split(": ", 1)[1] for line in err.splitlines() if ": auto " in line]
+    records = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "auto" in r]
+    assert records[0]["kimg"] == 0.008 and records[0]["res"] == 4  # after the first step
+    # every report: one line per op family, in the order the ops were first called
+    assert [line.split(":")[0] for line in printed] == [f"auto {op}" for r in records
+                                                        for op in dict.fromkeys(c["op"] for c in r["auto"])]
+    choices = [c for r in records for c in r["auto"]]
+    assert {"conv2d_bias_lrelu", "pixel_norm", "minibatch_stddev", "fade_in", "blend", "downsample2x",
+            "fade_reals"} <= {c["op"] for c in choices}
+    for c in choices:
+        assert c["backend"] == ("cpu" if c["op"] in CPU_WINS else "reference"), c
+        assert c["source"] == "timed" and set(c["ms"]) == {"cpu", "reference"}
+    assert len({c["key"] for c in choices}) == len(choices)  # each key chosen once
+    assert final_state(out)["auto_choices"] == {c["key"]: c["backend"] for c in choices}

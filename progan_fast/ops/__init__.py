@@ -16,7 +16,7 @@ from . import downsample2x as _downsample2x_module
 from . import fade_in as _fade_in_module
 from . import minibatch_stddev as _mbstd_module
 from . import pixel_norm as _pixel_norm_module
-from . import _backend
+from . import _backend, autotune
 from ._backend import BackendUnavailableError, KNOWN_BACKENDS, get_default_backend
 from .blend import blend
 from .conv_act import conv2d_bias_lrelu
@@ -41,8 +41,9 @@ def all_op_implementations() -> dict[str, dict]:
 
 def set_default_backend(name: str, device_type: str = "cpu") -> str:
     """Set the backend every op uses when called with ``backend=None`` (the trainer's ``--backend``)
-    for tensors on ``device_type``; returns the resolved name (``auto`` resolves to one). Raises
-    :class:`BackendUnavailableError` when an op lacks it or it does not compute on that device."""
+    for tensors on ``device_type``; returns its name. ``auto`` picks per op call signature, by
+    measurement (:mod:`.autotune`). Raises :class:`BackendUnavailableError` when an op lacks a
+    named backend or it does not compute on that device."""
     return _backend.set_default_backend(name, device_type, all_op_implementations())
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "BackendUnavailableError",
     "KNOWN_BACKENDS",
     "all_op_implementations",
+    "autotune",
     "blend",
     "conv2d_bias_lrelu",
     "downsample2x",
