@@ -54,9 +54,13 @@ class TrainConfig:
     ema_beta: float = _LAPTOP["ema_beta"]
     seed: int = 0
     mirror: bool = False  # flip each real image left-right with probability 1/2 (x-flip augmentation)
+    cond: bool = False  # class-conditional: labels from the data, one-hot into G, class logits out of D
+    cond_weight: float = 1.0  # weight of D's auxiliary classification terms (the official cond_weight)
 
-    def network_config(self) -> NetworkConfig:
-        return NetworkConfig(self.max_res, self.latent_size, self.fmap_base, self.fmap_max, self.mbstd_group_size)
+    def network_config(self, num_classes: int = 0) -> NetworkConfig:
+        """The networks' shape; ``num_classes`` (from the data, for ``cond``) makes them conditional."""
+        return NetworkConfig(self.max_res, self.latent_size, self.fmap_base, self.fmap_max, self.mbstd_group_size,
+                             num_classes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,6 +124,8 @@ def validate(config: TrainConfig, options: RunOptions) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
     if not 0.0 < config.lr < 1.0:
         raise UsageError(f"--lr must be in (0, 1), not {config.lr}")
+    if not (config.cond_weight >= 0.0 and math.isfinite(config.cond_weight)):
+        raise UsageError(f"--cond-weight must be a non-negative number, not {config.cond_weight}")
 
     for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
         if not getattr(options, name) > 0:
@@ -142,9 +148,12 @@ def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.Ima
     """The run's dataset: the embedded set, or ``config.data``: a folder or a zip archive of images
     (decoded through the cache in ``run_dir``), or a prepared dataset (memory-mapped as it is)."""
     if config.data is None:
+        if config.cond:
+            raise datamod.DataError("--cond needs labelled data: the embedded emoji set has no classes; pass --data "
+                                    "with class subfolders or a dataset.json")
         return datamod.load_default_dataset(config.max_res)
     path = Path(config.data)
-    cache = dict(cache_dir=run_dir / "cache", progress=progress)
+    cache = dict(cache_dir=run_dir / "cache", progress=progress, labels=config.cond)
     if not path.is_file():  # a folder (or nothing there: the folder loader says so)
         return image_folder.load_image_folder(path, config.max_res, **cache)
     if path.suffix.lower() in image_folder.IMAGE_EXTENSIONS:
@@ -152,4 +161,8 @@ def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.Ima
                                 "images, or a prepared dataset (python -m progan_fast.dataset)")
     if path.suffix.lower() == ".zip" or (zipfile.is_zipfile(path) and not pyramid_file.is_prepared(path)):
         return image_folder.load_image_zip(path, config.max_res, **cache)
-    return pyramid_file.load_prepared(path, config.max_res)
+    dataset = pyramid_file.load_prepared(path, config.max_res)
+    if config.cond and dataset.labels is None:
+        raise datamod.DataError(f"--cond needs labels, and the prepared dataset {path} has none; prepare it again "
+                                "with python -m progan_fast.dataset ... --labels")
+    return dataset

@@ -115,11 +115,12 @@ class GANState:
     D_train: nn.Module | None = None  # D or G wrapped in DistributedDataParallel, for the passes that
     G_train: nn.Module | None = None  # train them (None: the plain networks)
     found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
+    cond_weight: float = 1.0  # weight of the class terms of a conditional run's losses
 
     @classmethod
     def create(cls, config: NetworkConfig, device: torch.device, loss: str = "nonsat", lr: float = ADAM_LR,
                ema_beta: float = EMA_BETA, amp_dtype: torch.dtype | None = None, fused_adam: bool = True,
-               capturable: bool = False) -> GANState:
+               capturable: bool = False, cond_weight: float = 1.0) -> GANState:
         if loss not in losses.LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(losses.LOSSES)}")
         if amp_dtype not in (None, *AMP_DTYPES.values()):
@@ -133,7 +134,8 @@ class GANState:
         G_ema.requires_grad_(False)
         return cls(config, G, D, G_ema, make_adam(G, lr, fused_adam, capturable), make_adam(D, lr, fused_adam, capturable),
                    lr, ema_beta, loss, amp_dtype, fused_adam, capturable,
-                   DeviceLossScaler(device) if fp16 else None, DeviceLossScaler(device) if fp16 else None)
+                   DeviceLossScaler(device) if fp16 else None, DeviceLossScaler(device) if fp16 else None,
+                   cond_weight=cond_weight)
 
     def wrap_data_parallel(self, world: World, device: torch.device, res: int, fading: bool) -> None:
         """Wrap D and G in ``DistributedDataParallel`` for one phase of a multi-rank run (a no-op

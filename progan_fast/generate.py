@@ -5,6 +5,9 @@ seeded by ``--seed``, so the same command gives the same picture) at the resolut
 checkpoint was training. ``--interpolate STEPS`` writes a latent interpolation strip instead:
 ``--n`` rows, each going in STEPS images from one random latent to another along the great
 circle (spherical interpolation, since G pixel-normalises its latent onto a sphere anyway).
+A class-conditional run's generator takes ``--class K`` (a class number or name: every image of
+that class) or ``--class all`` (the default for such runs: one row per class, ``--n`` images per
+row, and with ``--interpolate`` row r shows class r mod C).
 Every bad input is one ``error:`` line and exit code 2.
 """
 
@@ -67,8 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolate", metavar="STEPS", type=int, default=None,
                    help="write an interpolation strip: each row goes from one random latent to another in STEPS images")
     p.add_argument("--columns", type=int, default=None, help="grid columns (default: square-ish; with --interpolate: STEPS)")
+    p.add_argument("--class", dest="klass", metavar="K|all", default=None,
+                   help="class-conditional runs: the class to generate (its number or name), or 'all' for one row per "
+                        "class with --n images each (the default for such runs)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto picks CUDA when PyTorch sees a GPU")
     return p
+
+
+def class_index(klass: str, class_names: list[str]) -> int:
+    """The class ``klass`` names (a name, or a number from 0), or UsageError listing the choices."""
+    if klass in class_names:
+        return class_names.index(klass)
+    if klass.isdigit() and int(klass) < len(class_names):
+        return int(klass)
+    shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+    raise UsageError(f"--class {klass!r} is not a class of this run; its {len(class_names)} classes are "
+                     f"0 to {len(class_names) - 1}: {shown}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,15 +100,27 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {args.out} must end in .png")
         device = resolve_device(args.device)
         loaded = load_generator(args.checkpoint, device)
-        latent = loaded.config.latent_size
+        latent, classes = loaded.config.latent_size, loaded.class_names
+        if args.klass is not None and not classes:
+            raise UsageError(f"--class: {loaded.path} is not from a class-conditional run (--cond)")
+        per_class = classes and args.klass in (None, "all")
+        rows = len(classes) if per_class and not args.interpolate else n
+        per_row = args.interpolate or (n if per_class else 1)
         if args.interpolate:
-            z = interpolation_latents(n, args.interpolate, latent, args.seed)
+            z = interpolation_latents(rows, args.interpolate, latent, args.seed)
             columns = args.columns or args.interpolate
         else:
-            z = sample_grid_latents(n, latent, args.seed)
-            columns = args.columns
+            z = sample_grid_latents(rows * per_row if per_class else n, latent, args.seed)
+            columns = args.columns or (n if per_class else None)
+        labels = None
+        if classes:  # row r: class r (mod C), or every image of the one class asked for
+            row_class = torch.arange(rows) % len(classes) if per_class else \
+                torch.full((rows,), class_index(args.klass, classes))
+            labels = row_class.repeat_interleave(per_row)
+        ys = [None] * len(z.split(64)) if labels is None else [y.to(device) for y in labels.split(64)]
         with torch.no_grad():
-            images = torch.cat([loaded.G(zb.to(device), loaded.res, loaded.alpha).cpu() for zb in z.split(64)])
+            images = torch.cat([loaded.G(zb.to(device), loaded.res, loaded.alpha, y).cpu()
+                                for zb, y in zip(z.split(64), ys)])
         save_grid(images, args.out, columns=columns)
     except (UsageError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ class LoadedGenerator:
     images: int
     path: Path
     run_dir: Path | None
+    class_names: list[str] | None = None  # a conditional run's classes
 
     def describe(self) -> str:
         fade = "stable" if self.alpha is None else f"fade alpha {self.alpha:.3f}"
@@ -73,7 +74,8 @@ def load_generator(path: Path, device: torch.device | str = "cpu") -> LoadedGene
         raise CheckpointError(f"checkpoint {ckpt_path} holds no usable run config (missing: {', '.join(missing)})")
     try:
         config = TrainConfig.from_dict(cfg)
-        G = Generator(config.network_config())
+        class_names = state.get("class_names")
+        G = Generator(config.network_config(len(class_names or ())))
         G.load_state_dict(state["G_ema"])
         res, alpha = position(config, int(state["phase_index"]), int(state["step"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -81,7 +83,7 @@ def load_generator(path: Path, device: torch.device | str = "cpu") -> LoadedGene
         raise CheckpointError(f"checkpoint {ckpt_path} does not hold a usable generator ({first})") from None
     G.requires_grad_(False).eval().to(device)
     images = int(state.get("images", 0))
-    return LoadedGenerator(G, config, res, alpha, images, ckpt_path, run_dir)
+    return LoadedGenerator(G, config, res, alpha, images, ckpt_path, run_dir, class_names)
 
 
 def load_run_data(loaded: LoadedGenerator) -> datamod.ImageDataset:

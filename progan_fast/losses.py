@@ -12,6 +12,12 @@ With ``D(x) = sigmoid(l)``: ``log D(x) = -softplus(-l)`` and ``log(1 - D(x)) = -
 
 Expectations are batch means. The functions take logits and return scalar tensors; the
 gradient-penalty helper takes D itself because it differentiates through it.
+
+Class-conditional runs (AC-GAN, as the official ``D_wgangp_acgan``/``G_wgan_acgan`` do it, here for
+every loss): D's output is ``[N, 1 + C]``, the score then the class logits. D's loss adds
+``cond_weight * (CE(D_cls(x), y_real) + CE(D_cls(G(z, y)), y))`` and G's adds
+``cond_weight * CE(D_cls(G(z, y)), y)``, with CE the softmax cross-entropy (batch mean) and ``y``
+the labels given to G; the gradient penalty sees the score alone.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ PENALIZED = ("wgan-gp",)  # the losses whose D step draws mixing factors for a g
 WGAN_LAMBDA = 10.0
 WGAN_DRIFT = 0.001
 WGAN_TARGET = 1.0
+
+
+def split_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """D's output -> (scores ``[N]``, class logits ``[N, C]`` or None for an unconditional D)."""
+    return (out, None) if out.dim() == 1 else (out[:, 0], out[:, 1:])
+
+
+def label_penalty(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The auxiliary classifier's softmax cross-entropy, a batch mean (official ``LabelPenalty``)."""
+    return F.cross_entropy(class_logits, labels)
 
 
 def d_logistic(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -94,28 +110,48 @@ def discriminator_loss(
     fakes: torch.Tensor,
     grad_scale: torch.Tensor | None = None,
     mix: torch.Tensor | None = None,
+    real_labels: torch.Tensor | None = None,
+    fake_labels: torch.Tensor | None = None,
+    cond_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """D's loss for ``kind`` and the detached terms worth logging (``grad_scale`` and ``mix``: see
-    :func:`gradient_penalty`)."""
-    real_out, fake_out = critic(reals), critic(fakes)
+    :func:`gradient_penalty`). A conditional D also gets the reals' and the fakes' labels."""
+    (real_out, real_cls), (fake_out, fake_cls) = split_outputs(critic(reals)), split_outputs(critic(fakes))
     stats = {"D_real": real_out.detach().mean(), "D_fake": fake_out.detach().mean()}
     if kind in ("nonsat", "minimax"):
         loss = d_logistic(real_out, fake_out)
     elif kind == "wgan-gp":
         with nvtx_range("penalty"):
-            penalty = gradient_penalty(critic, reals, fakes, mix=mix, grad_scale=grad_scale)
+            penalty = gradient_penalty(lambda x: split_outputs(critic(x))[0], reals, fakes, mix=mix,
+                                       grad_scale=grad_scale)
         loss = d_wgan(real_out, fake_out) + penalty
         stats["penalty"] = penalty.detach()
     else:
         raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    if real_cls is not None:
+        if real_labels is None or fake_labels is None:
+            raise ValueError("a conditional discriminator's loss needs the reals' and the fakes' labels")
+        labels_term = label_penalty(real_cls, real_labels) + label_penalty(fake_cls, fake_labels)
+        loss = loss + cond_weight * labels_term
+        stats["D_labels"] = labels_term.detach()
+        stats["D_label_accuracy"] = (real_cls.detach().argmax(1) == real_labels).float().mean()
     return loss, stats
 
 
-def generator_loss(kind: str, fake_out: torch.Tensor) -> torch.Tensor:
+def generator_loss(kind: str, fake_out: torch.Tensor, fake_labels: torch.Tensor | None = None,
+                   cond_weight: float = 1.0) -> torch.Tensor:
+    """G's loss for ``kind`` from D's output on the fakes (conditional: and the labels G was given)."""
+    scores, cls = split_outputs(fake_out)
     if kind == "nonsat":
-        return g_nonsaturating(fake_out)
-    if kind == "minimax":
-        return g_minimax(fake_out)
-    if kind == "wgan-gp":
-        return g_wgan(fake_out)
-    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+        loss = g_nonsaturating(scores)
+    elif kind == "minimax":
+        loss = g_minimax(scores)
+    elif kind == "wgan-gp":
+        loss = g_wgan(scores)
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    if cls is not None:
+        if fake_labels is None:
+            raise ValueError("a conditional discriminator's output needs the fakes' labels")
+        loss = loss + cond_weight * label_penalty(cls, fake_labels)
+    return loss

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import fid, swd
 from .checkpoint import CheckpointError
 from .cli import UsageError, resolve_device
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for latents, the choice of reals, patches and directions")
     p.add_argument("--fid", action="store_true", help="also compute FID and KID (slow on a CPU: about 0.3 s an image)")
     p.add_argument("--fid-n", type=int, default=1000, help="images per side for FID/KID (the usual figure is 50000)")
+    p.add_argument("--per-class", action="store_true",
+                   help="class-conditional runs: also SWD per class (that class's reals against fakes of that class)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto picks CUDA when PyTorch sees a GPU")
     p.add_argument("--no-save", action="store_true", help="only print; do not append to RUN_DIR/metrics.jsonl")
     return p
@@ -57,14 +61,29 @@ def main(argv: list[str] | None = None) -> int:
             fid.inception_weights_path()  # fail before the slow part
         started = time.perf_counter()
         loaded = load_generator(args.run, device)
+        if args.per_class and not loaded.class_names:
+            raise UsageError(f"--per-class: {loaded.path} is not from a class-conditional run (--cond)")
         dataset = load_run_data(loaded)
         reals_all = dataset.at(loaded.res)
+        # Conditional: the fakes' classes follow the data's (seeded draws from its labels).
+        fake_labels = swd.draw_labels(dataset.labels, args.n, args.seed) if loaded.class_names else None
         print(f"{PROG}: {loaded.describe()}; data: {dataset.summary}", file=sys.stderr)
         record: dict = {"checkpoint": str(loaded.path), "kimg": round(loaded.images / 1000, 3), "res": loaded.res,
                         "alpha": 1.0 if loaded.alpha is None else round(loaded.alpha, 4), "n": args.n, "seed": args.seed}
-        record.update(swd.swd_for_generator(loaded.G, reals_all, loaded.res, loaded.alpha, n=args.n, seed=args.seed))
+        record.update(swd.swd_for_generator(loaded.G, reals_all, loaded.res, loaded.alpha, n=args.n, seed=args.seed,
+                                            fake_labels=fake_labels))
+        if args.per_class:
+            for k, name in enumerate(loaded.class_names):
+                mine = reals_all[dataset.labels == k]
+                if len(mine) < 2:
+                    continue  # a class with fewer than two images has no distribution to compare
+                figures = swd.swd_for_generator(loaded.G, mine, loaded.res, loaded.alpha, n=args.n, seed=args.seed,
+                                                fake_labels=torch.full((args.n,), k))
+                record[f"SWDx1e3_avg[{name}]"] = figures["SWDx1e3_avg"]
         if args.fid:
-            fakes = swd.generate_uint8(loaded.G, args.fid_n, loaded.res, loaded.alpha, seed=args.seed + 20)
+            fakes = swd.generate_uint8(loaded.G, args.fid_n, loaded.res, loaded.alpha, seed=args.seed + 20,
+                                       labels=None if fake_labels is None else
+                                       swd.draw_labels(dataset.labels, args.fid_n, args.seed + 1))
             reals = swd.pick_reals(reals_all, args.fid_n, args.seed + 21)
             record.update(fid.fid_kid(reals, fakes, device))
             record["fid_n"] = args.fid_n

@@ -13,7 +13,10 @@ Details the paper leaves open follow the official implementation (tkarras/progre
 - every conv uses gain ``sqrt(2)``, toRGB gain 1 and no activation (the image is linear, no tanh);
 - D's last block: minibatch stddev, conv3x3 to ``nf(1)``, dense ``4x4 -> nf(0)``, dense to one
   logit with gain 1 and no activation;
-- D's blocks are conv3x3 ``nf(r-1)``, conv3x3 ``nf(r-2)``, then 2x average pool.
+- D's blocks are conv3x3 ``nf(r-1)``, conv3x3 ``nf(r-2)``, then 2x average pool;
+- class-conditional (``num_classes > 0``, the official ``label_size``): G's input is the latent
+  concatenated with the one-hot label, pixel-normalized together as the official ``combo_in``; D's
+  last dense layer has ``1 + num_classes`` outputs, the score and the class logits (AC-GAN).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -39,10 +43,13 @@ class NetworkConfig:
     fmap_base: int = 8192
     fmap_max: int = 512
     mbstd_group_size: int = 4
+    num_classes: int = 0  # 0: unconditional
 
     def __post_init__(self) -> None:
         if self.max_res < 4 or self.max_res & (self.max_res - 1):
             raise ValueError(f"max_res must be a power of two >= 4, got {self.max_res}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
 
     def nf(self, stage: int) -> int:
         return max(1, min(int(self.fmap_base / 2.0**stage), self.fmap_max))
@@ -119,7 +126,7 @@ class Generator(nn.Module):
         super().__init__()
         self.config = config
         c4 = config.channels(4)
-        self.input = GeneratorInput(config.latent_size, c4)
+        self.input = GeneratorInput(config.latent_size + config.num_classes, c4)
         self.conv4 = EqualizedConv2d(c4, c4, 3, pixel_norm=True)
         self.blocks = nn.ModuleDict()
         self.to_rgb = nn.ModuleDict({"4": EqualizedConv2d(c4, 3, 1, gain=1.0, activation=False)})
@@ -134,12 +141,14 @@ class Generator(nn.Module):
         )
         self.to_rgb[str(res)] = EqualizedConv2d(cout, 3, 1, gain=1.0, activation=False)
 
-    def forward(self, z: torch.Tensor, res: int, alpha: Alpha | None = None) -> torch.Tensor:
-        """Images ``[N, 3, res, res]`` from latents ``[N, latent_size]``.
+    def forward(self, z: torch.Tensor, res: int, alpha: Alpha | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``[N, 3, res, res]`` from latents ``[N, latent_size]`` (and, conditional, class
+        ``labels`` ``[N]``).
 
         ``alpha`` is None in a stabilize phase (new path only) and the fade weight in a fade phase.
         """
-        x = self.conv4(self.input(z))
+        x = self.conv4(self.input(with_labels(z, labels, self.config.num_classes)))
         prev = x
         r = 8
         while r <= res:
@@ -159,8 +168,19 @@ class Generator(nn.Module):
         return _parameters_of(self, layers)
 
 
+def with_labels(z: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """G's input: the latents, with the one-hot labels appended when conditional."""
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("this generator is unconditional: it takes no labels")
+        return z
+    if labels is None:
+        raise ValueError(f"this generator is conditional ({num_classes} classes): give a class label per latent")
+    return torch.cat([z, F.one_hot(labels, num_classes).to(z.dtype)], dim=1)
+
+
 class DiscriminatorOutput(nn.Module):
-    """Minibatch stddev -> conv3x3 -> dense 4x4 -> nf(0) -> dense -> 1 logit."""
+    """Minibatch stddev -> conv3x3 -> dense 4x4 -> nf(0) -> dense -> 1 logit (+ num_classes class logits)."""
 
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
@@ -168,13 +188,15 @@ class DiscriminatorOutput(nn.Module):
         self.group_size = config.mbstd_group_size
         self.conv = EqualizedConv2d(c4 + 1, c4, 3)
         self.dense = EqualizedConv2d(c4 * 16, config.nf(0), 1)
-        self.out = EqualizedConv2d(config.nf(0), 1, 1, gain=1.0, activation=False)
+        self.num_classes = config.num_classes
+        self.out = EqualizedConv2d(config.nf(0), 1 + config.num_classes, 1, gain=1.0, activation=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         x = self.conv(ops.minibatch_stddev(x, self.group_size))
         x = self.dense(x.reshape(n, -1, 1, 1))
-        return self.out(x).reshape(n)
+        x = self.out(x)
+        return x.reshape(n) if self.num_classes == 0 else x.reshape(n, 1 + self.num_classes)
 
 
 class Discriminator(nn.Module):
@@ -196,7 +218,8 @@ class Discriminator(nn.Module):
         return ops.downsample2x(self.blocks[str(res)](x))
 
     def forward(self, img: torch.Tensor, res: int, alpha: Alpha | None = None) -> torch.Tensor:
-        """Logits ``[N]`` for images ``[N, 3, res, res]``; ``alpha`` as in :meth:`Generator.forward`."""
+        """Logits ``[N]`` for images ``[N, 3, res, res]`` (conditional: ``[N, 1 + num_classes]``, the
+        score then the class logits); ``alpha`` as in :meth:`Generator.forward`."""
         x = self.from_rgb[str(res)](img)
         if res > 4:
             x = self._block(res, x)

@@ -112,7 +112,7 @@ class RunFolder:
 
     def write_checkpoint(self, state: GANState, config: TrainConfig, phase_index: int, step: int, images: int,
                          data_fingerprint: str, device: torch.device, keep: int,
-                         auto_choices: dict[str, str] | None = None) -> Path:
+                         auto_choices: dict[str, str] | None = None, class_names: list[str] | None = None) -> Path:
         """Write the checkpoint at ``images`` shown (schedule position ``phase_index``, ``step``)
         and delete all but the newest ``keep``. ``auto_choices`` (``--backend auto``'s
         ``{op signature: backend}``) are kept so that a resume computes every op as before."""
@@ -130,6 +130,7 @@ class RunFolder:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "data_fingerprint": data_fingerprint,
+            "class_names": class_names,  # a conditional run's classes (generate and metrics name them)
             "loss_scale": {name: scaler.state_dict() for name, scaler in (("D", state.scaler_D), ("G", state.scaler_G))
                            if scaler is not None},
         }
@@ -154,6 +155,9 @@ def restore(ckpt: dict, state: GANState, config: TrainConfig, dataset: ImageData
     random generators; returns the schedule position ``(phase_index, step)`` to continue from."""
     path = ckpt["_path"]
     old_config = TrainConfig.from_dict(ckpt["config"])
+    if config.cond and ckpt.get("class_names") != dataset.class_names:
+        raise CheckpointError(f"checkpoint {path} was trained on the classes {ckpt.get('class_names')}; the data now "
+                              f"has {dataset.class_names}: a conditional run cannot change its classes")
     try:
         for name in ("G", "D", "G_ema"):
             missing = load_grown_state_dict(getattr(state, name), ckpt[name])

@@ -23,9 +23,10 @@ from .data import ImageDataset, to_float
 from .images import save_grid
 from .schedule import Phase
 from .step import Window
-from .swd import swd_for_generator
+from .swd import draw_labels, swd_for_generator
 
 SAMPLE_GRID = 64  # images per sample grid (8x8)
+SAMPLE_COLUMNS = 8
 
 #: Steps of an invocation that ``--profile`` lets pass before it records: allocation, Triton
 #: autotuning and CUDA graph capture happen there and are not what a profile should show.
@@ -36,12 +37,15 @@ class RunLog:
     """``log.jsonl``, TensorBoard and the sample grids of the run in ``path``."""
 
     def __init__(self, path: Path, latent_size: int, seed: int, device: torch.device, *, main: bool,
-                 tensorboard: bool, log: Callable[[str], None] = print) -> None:
+                 tensorboard: bool, log: Callable[[str], None] = print, class_names: list[str] | None = None) -> None:
         self.path, self.main, self.tensorboard, self.log = Path(path), main, tensorboard, log
         # Fixed latents for sample grids, from their own generator so they never shift training's RNG.
         self.sample_latents = torch.randn(
             SAMPLE_GRID, latent_size, generator=torch.Generator().manual_seed(seed + 1)
         ).to(device)
+        # Conditional: one row per class (row r shows class r mod C: the first 8 classes when there are more).
+        self.sample_labels = None if not class_names else \
+            (torch.arange(SAMPLE_GRID) // SAMPLE_COLUMNS % len(class_names)).to(device)
         self.writer = None  # the TensorBoard SummaryWriter while open
         self._file = None  # log.jsonl while open
 
@@ -105,20 +109,23 @@ class RunLog:
         """The EMA generator's grid on the fixed latents: ``fakes-<images>.png`` and ``latest.png``."""
         if not self.main:
             return None
-        fakes = torch.cat([G_ema(z, res, alpha) for z in self.sample_latents.split(16)])
-        path = save_grid(fakes, self.path / "samples" / f"fakes-{images:012d}.png")
-        save_grid(fakes, self.path / "samples" / "latest.png")
+        labels = [None] * 4 if self.sample_labels is None else self.sample_labels.split(16)
+        fakes = torch.cat([G_ema(z, res, alpha, y) for z, y in zip(self.sample_latents.split(16), labels)])
+        path = save_grid(fakes, self.path / "samples" / f"fakes-{images:012d}.png", columns=SAMPLE_COLUMNS)
+        save_grid(fakes, self.path / "samples" / "latest.png", columns=SAMPLE_COLUMNS)
         if self.writer is not None:
             self.writer.add_images("samples", ((fakes.clamp(-1, 1) + 1) / 2).cpu(), images)
         return path
 
     def swd(self, G_ema: torch.nn.Module, reals_uint8: torch.Tensor, phase: Phase, alpha: float | None, images: int,
-            n: int, seed: int) -> None:
-        """SWD (the ProGAN paper's metric) of the EMA generator against the data at this resolution.
+            n: int, seed: int, real_labels: torch.Tensor | None = None) -> None:
+        """SWD (the ProGAN paper's metric) of the EMA generator against the data at this resolution
+        (conditional: fakes of classes drawn from ``real_labels``, the real distribution).
         It leaves torch's global RNG alone, so a run that logs it trains exactly like one that does not."""
         if self._file is None:  # not rank 0
             return
-        figures = swd_for_generator(G_ema, reals_uint8, phase.res, alpha, n=n, seed=seed)
+        fake_labels = None if self.sample_labels is None else draw_labels(real_labels, n, seed)
+        figures = swd_for_generator(G_ema, reals_uint8, phase.res, alpha, n=n, seed=seed, fake_labels=fake_labels)
         self._write({"kimg": round(images / 1000, 3), "res": phase.res, "phase": phase.name, **figures})
         if self.writer is not None:
             for k, v in figures.items():

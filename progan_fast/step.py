@@ -112,17 +112,30 @@ def _check_gradients(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) 
         torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, found_inf, one)
 
 
-def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | None) -> StepLosses:
+def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | None,
+               real_labels: torch.Tensor | None = None, label_pool: torch.Tensor | None = None) -> StepLosses:
     """One D step, one G step and the EMA update on a float batch of (already faded) reals.
 
     ``reals`` is this rank's slice of the global batch (the whole batch for one rank). Returns
     detached float32 loss tensors (no host sync here; the caller reads them when it logs).
+
+    Conditional networks also take ``real_labels`` (the reals' classes) and ``label_pool``, the
+    dataset's labels on the device: each fake's class is the label of a uniformly drawn image, so
+    fake classes follow the real label distribution (the official ``get_random_labels``).
     """
     G, D, world = state.G, state.D, state.world
     D_train, G_train = state.D_train or D, state.G_train or G
     global_batch = reals.shape[0] * world.size
     latent_shape = (global_batch, state.config.latent_size)
     autocast = state.autocast(reals.device.type)
+    conditional = state.config.num_classes > 0
+    if conditional and (real_labels is None or label_pool is None):
+        raise ValueError("conditional networks need the reals' labels and the label pool")
+
+    def fake_labels() -> torch.Tensor | None:
+        if not conditional:
+            return None
+        return world.take(label_pool[torch.randint(label_pool.shape[0], (global_batch,), device=reals.device)])
 
     def critic(net: nn.Module):
         return lambda x: net(x, res, alpha).float()
@@ -130,14 +143,17 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     # D step. The "D forward" range holds G's fakes, D on reals and fakes, and the penalty.
     with nvtx_range("D forward"):
         z = world.take(torch.randn(latent_shape, device=reals.device))
+        labels_d = fake_labels()
         with autocast:
             with torch.no_grad():
-                fakes = G(z, res, alpha)
+                fakes = G(z, res, alpha, labels_d)
             mix = None
             if state.loss in losses.PENALIZED:  # drawn here (not in the loss) so that ranks can slice it
                 mix = world.take(torch.rand(global_batch, 1, 1, 1, device=reals.device, dtype=reals.dtype))
             scale = state.scaler_D.scale if state.scaler_D is not None else None
-            d_loss, stats = losses.discriminator_loss(state.loss, critic(D_train), reals, fakes, grad_scale=scale, mix=mix)
+            d_loss, stats = losses.discriminator_loss(state.loss, critic(D_train), reals, fakes, grad_scale=scale, mix=mix,
+                                                      real_labels=real_labels, fake_labels=labels_d,
+                                                      cond_weight=state.cond_weight)
     state.opt_D.zero_grad(set_to_none=True)
     d_bad = _backward_and_step(state, d_loss, "D")
 
@@ -146,8 +162,10 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     try:
         with nvtx_range("G forward"):
             z = world.take(torch.randn(latent_shape, device=reals.device))
+            labels_g = fake_labels()
             with autocast:
-                g_loss = losses.generator_loss(state.loss, critic(D)(G_train(z, res, alpha)))
+                g_loss = losses.generator_loss(state.loss, critic(D)(G_train(z, res, alpha, labels_g)), labels_g,
+                                               state.cond_weight)
         state.opt_G.zero_grad(set_to_none=True)
         g_bad = _backward_and_step(state, g_loss, "G")
     finally:
@@ -194,6 +212,8 @@ class Iteration:
     - ``batch``: the global batch; this rank trains on ``batch // world.size`` of its samples.
     - ``alpha``: a 0-dim float32 device tensor the caller fills in place (``set_alpha``); read only
       in a fade phase.
+    - ``labels``: conditional runs only, every image's class (int64, on the device): the reals'
+      labels are gathered with the same indices as their images, and fake labels are drawn from it.
     - on-device counters (created by the first call): running sums of the losses over finite
       steps, the number of finite and non-finite steps, the current and the longest run of
       non-finite steps. :meth:`read_window` reads and resets them when the trainer logs.
@@ -204,7 +224,7 @@ class Iteration:
     """
 
     def __init__(self, state: GANState, res: int, batch: int, fade: bool, device: torch.device,
-                 images: torch.Tensor | None, mirror: bool = False) -> None:
+                 images: torch.Tensor | None, mirror: bool = False, labels: torch.Tensor | None = None) -> None:
         world = state.world
         if batch % world.size:
             raise ValueError(f"the global batch {batch} does not split evenly across {world.size} ranks")
@@ -213,6 +233,12 @@ class Iteration:
         self.images = images
         self.batch_buffer = None if images is not None else torch.empty(
             (self.local_batch, 3, res, res), dtype=torch.uint8, device=device)
+        if (labels is not None) != (state.config.num_classes > 0):
+            raise ValueError("labels are needed exactly when the networks are conditional")
+        self.labels = labels
+        # With staged batches, the indices of this rank's rows (the reals' labels are gathered on the device).
+        self.batch_index = torch.zeros(self.local_batch, dtype=torch.int64, device=device) \
+            if labels is not None and images is None else None
         self.alpha = torch.ones((), dtype=torch.float32, device=device)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = torch.zeros(4, dtype=torch.float32, device=device)  # finite, non-finite, run, longest run
@@ -230,6 +256,8 @@ class Iteration:
         buffer without blocking; the only wait is for the previous step's copy out of that buffer.
         """
         idx = self.state.world.take(torch.randint(host_images.shape[0], (self.batch,)))
+        if self.batch_index is not None:
+            self.batch_index.copy_(idx)
         if self.batch_buffer.device.type != "cuda":
             torch.index_select(host_images, 0, idx, out=self.batch_buffer)
             return
@@ -245,16 +273,22 @@ class Iteration:
     def __call__(self) -> None:
         alpha = self.alpha if self.fade else None
         with nvtx_range("data"):
+            real_labels = None
             if self.images is not None:
-                idx = torch.randint(self.images.shape[0], (self.batch,), device=self.images.device)
-                batch = self.images[self.state.world.take(idx)]
+                idx = self.state.world.take(torch.randint(self.images.shape[0], (self.batch,),
+                                                          device=self.images.device))
+                batch = self.images[idx]
+                if self.labels is not None:
+                    real_labels = self.labels[idx]
             else:
                 batch = self.batch_buffer
+                if self.labels is not None:
+                    real_labels = self.labels[self.batch_index]
             if self.mirror:  # one coin per image of the global batch; each rank keeps its rows
                 flip = self.state.world.take(torch.rand(self.batch, device=batch.device) < 0.5)
                 batch = mirror(batch, flip)
             reals = fade_reals(to_float(batch), alpha)
-        out = train_step(self.state, reals, self.res, alpha)
+        out = train_step(self.state, reals, self.res, alpha, real_labels, self.labels)
         bad = out.non_finite
         for name, value in out.as_dict().items():
             value = torch.where(bad > 0, 0.0, value.detach().float())  # a NaN must not poison the sum

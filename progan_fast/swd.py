@@ -206,20 +206,30 @@ def pick_reals(dataset_level: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return dataset_level[idx[:n]]
 
 
+def draw_labels(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` class labels drawn (seeded) from ``labels``, a dataset's: the real label distribution."""
+    gen = torch.Generator().manual_seed(seed + 12)
+    return labels.cpu()[torch.randint(int(labels.shape[0]), (n,), generator=gen)]
+
+
 @torch.no_grad()
-def generate_uint8(G, n: int, res: int, alpha: float | None, seed: int, device=None, batch: int = 64) -> torch.Tensor:
-    """``n`` uint8 samples of ``G`` at ``res``/``alpha`` from seeded N(0, 1) latents (no truncation)."""
+def generate_uint8(G, n: int, res: int, alpha: float | None, seed: int, device=None, batch: int = 64,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` uint8 samples of ``G`` at ``res``/``alpha`` from seeded N(0, 1) latents (no truncation);
+    a conditional ``G`` also takes the ``n`` samples' class ``labels``."""
     device = device or next(G.parameters()).device
     latent = G.config.latent_size
     z = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))
-    out = [float_to_uint8(G(zb.to(device), res, alpha)).cpu() for zb in z.split(batch)]
+    ys = [None] * len(z.split(batch)) if labels is None else [y.to(device) for y in labels.split(batch)]
+    out = [float_to_uint8(G(zb.to(device), res, alpha, y)).cpu() for zb, y in zip(z.split(batch), ys)]
     return torch.cat(out)
 
 
 def swd_for_generator(G, reals_uint8: torch.Tensor, res: int, alpha: float | None, n: int = DEFAULT_SWD_IMAGES,
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, fake_labels: torch.Tensor | None = None) -> dict[str, float]:
     """SWD between ``n`` samples of ``G`` (give it the EMA generator) at ``res``/``alpha`` and ``n``
-    images of ``reals_uint8`` (the dataset's uint8 level at ``res``, ``[N, 3, res, res]``).
+    images of ``reals_uint8`` (the dataset's uint8 level at ``res``, ``[N, 3, res, res]``); a
+    conditional ``G`` gets the fakes' ``n`` class labels.
 
     The hook for logging during training: every call with the same arguments gives the same
     numbers. It leaves torch's global RNG untouched, so calling it does not change training.
@@ -230,7 +240,7 @@ def swd_for_generator(G, reals_uint8: torch.Tensor, res: int, alpha: float | Non
     was_training = G.training
     G.eval()
     try:
-        fakes = generate_uint8(G, n, res, alpha, seed=seed + 10)
+        fakes = generate_uint8(G, n, res, alpha, seed=seed + 10, labels=fake_labels)
     finally:
         G.train(was_training)
     # The real side depends only on (reals, n, seed): keep the last one, so calling this every few

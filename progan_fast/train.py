@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step decay of the generator EMA used for samples (paper 0.999; the laptop preset's "
                         "phases are only a few hundred steps long, too short for 0.999 to follow G)")
     m.add_argument("--seed", type=int, default=0, help="seed for initialization, latents and batches")
+    m.add_argument("--cond", action="store_true",
+                   help="class-conditional training (AC-GAN, as the official code trains CIFAR-10): labels from the "
+                        "class subfolders of --data (sorted names) or its dataset.json; G gets the one-hot label with "
+                        "the latent, D also classifies, and both losses get a classification term. Needs --data")
+    m.add_argument("--cond-weight", type=float, default=1.0,
+                   help="weight of the classification terms with --cond (the official cond_weight)")
     m.add_argument("--mirror", action="store_true",
                    help="x-flip augmentation: flip each real image left-right with probability 1/2, drawn on the "
                         "device every step (the official code's mirror_augment, used for CelebA-HQ and LSUN; for "
@@ -164,6 +170,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_beta=pick("ema_beta"),
         seed=args.seed,
         mirror=args.mirror,
+        cond=args.cond,
+        cond_weight=args.cond_weight,
     )
 
 

@@ -112,10 +112,14 @@ class Trainer:
         self._check_batch_split()
         self.dataset = self._load_data()
 
+        self.class_names = self.dataset.class_names if config.cond else None
+        # Conditional: every image's class on the device, for the reals' labels and the fakes' draws.
+        self.labels = self.dataset.labels.to(self.device) if config.cond else None
         torch.manual_seed(config.seed)  # the same on every rank: they draw the global batch alike
         self.state = GANState.create(
-            config.network_config(), self.device, config.loss, config.lr, config.ema_beta,
+            config.network_config(len(self.class_names or ())), self.device, config.loss, config.lr, config.ema_beta,
             amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp], capturable=self.use_graphs,
+            cond_weight=config.cond_weight,
         )
         self.phase_index, self.step = 0, 0
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
@@ -127,7 +131,7 @@ class Trainer:
                 self.log(f"backend auto: reusing the checkpoint's {len(checkpoint['auto_choices'])} choices")
         self.state.world = world
         self.run_log = RunLog(self.folder.path, config.latent_size, config.seed, self.device, main=world.is_main,
-                              tensorboard=options.tensorboard, log=self.log)
+                              tensorboard=options.tensorboard, log=self.log, class_names=self.class_names)
 
     def _check_batch_split(self) -> None:
         """Under torchrun every phase's global batch must split evenly across the ranks."""
@@ -194,7 +198,7 @@ class Trainer:
         auto = ops.autotune.TUNER.saved_choices() if self.backend == "auto" else None
         return self.folder.write_checkpoint(self.state, self.config, self.phase_index, self.step, self.images_done(),
                                             self.dataset.fingerprint(), self.device, keep=self.options.keep_checkpoints,
-                                            auto_choices=auto)
+                                            auto_choices=auto, class_names=self.class_names)
 
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
@@ -254,7 +258,7 @@ class Trainer:
                     self.state.reset_optimizers()
                 self.state.wrap_data_parallel(self.world, self.device, phase.res, phase.fading)
                 iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images,
-                                      mirror=self.config.mirror)
+                                      mirror=self.config.mirror, labels=self.labels)
                 iteration_phase = self.phase_index
                 bar.set_description(f"{phase.res}px {phase.name}")
             alpha = phase.alpha(self.step)
@@ -285,7 +289,7 @@ class Trainer:
                 next_sample = _next_multiple(images, opts.sample_kimg)
             if next_swd is not None and (images >= next_swd or end_of_phase):
                 self.run_log.swd(self.state.G_ema, self.dataset.at(phase.res), phase, alpha, images,
-                                 n=opts.swd_images, seed=self.config.seed)
+                                 n=opts.swd_images, seed=self.config.seed, real_labels=self.dataset.labels)
                 next_swd = _next_multiple(images, opts.swd_kimg)
             if end_of_phase:
                 self.phase_index, self.step = self.phase_index + 1, 0
