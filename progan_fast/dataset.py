@@ -2,7 +2,7 @@
 
 Decodes every image of SRC (a folder, searched recursively, or a zip archive) exactly as training
 does (center crop, Lanczos resize to R, the 2x2-average pyramid down to 4x4), and writes the
-pyramid to FILE, with each image's class when asked (``--labels``). ``python -m progan_fast.train --data FILE`` then trains from it without decoding
+pyramid to FILE, with each image's class when asked (``--labels``, for ``--cond``). ``python -m progan_fast.train --data FILE`` then trains from it without decoding
 again, memory-mapped, so host memory stays bounded for datasets larger than RAM; any
 ``--max-res`` up to R works (the lower levels are the pyramid's, as in the official tfrecords).
 """
