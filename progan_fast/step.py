@@ -153,13 +153,16 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     finally:
         D.requires_grad_(True)
 
-    with nvtx_range("EMA"):
-        update_ema(state.G_ema, G, state.ema_beta)
+    with nvtx_range("EMA"), torch.no_grad():
+        ema, model = state.ema_parameters(res)  # the layers grown so far: the others are equal (see there)
+        torch._foreach_lerp_(ema, model, 1.0 - state.ema_beta)
     return StepLosses(d_loss.detach(), g_loss.detach(), stats, torch.maximum(d_bad, g_bad))
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """``ema = lerp(ema, model, 1 - beta)`` over every parameter (a training step updates only the
+    layers grown so far: :meth:`GANState.ema_parameters`)."""
     ema_params = list(ema.parameters())
     torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - beta)
 
