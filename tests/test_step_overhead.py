@@ -106,7 +106,43 @@ def test_ema_pairs_follow_a_replaced_generator():
     state = GANState.create(TINY, torch.device("cpu"))
     ema, model = state.ema_parameters(8)
     assert len(ema) == len(model) == len(state.G_ema.parameters_grown(8))
-    assert all(g is p for g, p in zip(model, [p for n, p in state.G.named_parameters() if n in state.G.parameters_grown(8)]))
+    grown = [p for name, p in state.G.named_parameters() if name in state.G.parameters_grown(8)]
+    assert all(g is p for g, p in zip(model, grown, strict=True))
     state.G = Generator(TINY)
     _, model = state.ema_parameters(8)
     assert model[0] is next(state.G.parameters())
+
+
+# ----- benchmarks/step_overhead.py: its plain loop computes the project's losses -----------------
+
+def load_step_overhead():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_overhead.py"
+    spec = importlib.util.spec_from_file_location("step_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("res,alpha", [(4, None), (8, 0.5), (16, 0.5), (16, None)])
+def test_the_benchmarks_plain_loop_computes_the_projects_losses(res, alpha):
+    bench = load_step_overhead()
+    d_rel, g_rel = bench.check(bench.project_state(16, "tiny"), res, 8, alpha)
+    assert max(d_rel, g_rel) < 1e-5, (d_rel, g_rel)
+
+
+def test_the_plain_loop_check_catches_a_different_loss(monkeypatch):
+    bench = load_step_overhead()
+    monkeypatch.setattr(bench, "LAMBDA", 1.0)  # the plain loop's penalty weight no longer the project's
+    d_rel, _ = bench.check(bench.project_state(8, "tiny"), 8, 8, 0.5)
+    assert d_rel > 1e-3
+
+
+def test_step_overhead_smoke_run(capsys):
+    bench = load_step_overhead()
+    assert bench.main(["--widths", "tiny", "--res", "4,8", "--max-res", "16", "--batch", "4", "--steps", "1",
+                       "--repeats", "1", "--warmup", "0"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()]
+    assert {(r[0], r[1]) for r in rows} == {(res, v) for res in ("4", "8") for v in ("project", "plain", "plain+ema")}
