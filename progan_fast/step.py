@@ -3,7 +3,8 @@
 1. D step: draw latents, generate fakes without tracking G, compute D's loss on the real batch and
    the fakes (plus the gradient penalty for ``wgan-gp``), one Adam step on D.
 2. G step: draw fresh latents, compute G's loss through D (D's parameters frozen), one Adam step on G.
-3. EMA of G: ``G_ema = lerp(G_ema, G, 1 - beta)`` (beta 0.999, ProGAN's ``G_smoothing``).
+3. EMA of G: ``G_ema = lerp(G_ema, G, 1 - beta)`` (beta 0.999, ProGAN's ``G_smoothing``), over
+   the layers grown so far; the others are equal in both (:meth:`GANState.ema_parameters`).
 
 All randomness comes from torch's default generators, whose state the checkpoint carries, so a
 resumed run repeats an uninterrupted one bit for bit on the CPU.
