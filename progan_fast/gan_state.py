@@ -114,8 +114,8 @@ class GANState:
     world: World = SINGLE
     D_train: nn.Module | None = None  # D or G wrapped in DistributedDataParallel, for the passes that
     G_train: nn.Module | None = None  # train them (None: the plain networks)
-    found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
     _ema_pairs: dict = field(default_factory=dict, repr=False)  # res -> (G, G_ema, their grown parameters)
+    found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
 
     @classmethod
     def create(cls, config: NetworkConfig, device: torch.device, loss: str = "nonsat", lr: float = ADAM_LR,
