@@ -114,6 +114,7 @@ class GANState:
     world: World = SINGLE
     D_train: nn.Module | None = None  # D or G wrapped in DistributedDataParallel, for the passes that
     G_train: nn.Module | None = None  # train them (None: the plain networks)
+    _ema_pairs: dict = field(default_factory=dict, repr=False)  # res -> (G, G_ema, their grown parameters)
     found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
     cond_weight: float = 1.0  # weight of the class terms of a conditional run's losses
 
@@ -168,6 +169,29 @@ class GANState:
         """Fresh Adam state (at every phase start, as the official code does)."""
         self.opt_G = make_adam(self.G, self.lr, self.fused_adam, self.capturable)
         self.opt_D = make_adam(self.D, self.lr, self.fused_adam, self.capturable)
+
+    def ema_parameters(self, res: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(G_ema's, G's)`` parameters, pairwise, of the layers grown by ``res``: what the EMA
+        updates in a step at ``res`` (cached per resolution).
+
+        The layers above ``res`` are left out, which changes no bit of G_ema: those layers of G
+        and G_ema start equal (:meth:`create` copies G into G_ema, and a grown run's new layers
+        are fresh in both), they get no gradient, so Adam leaves G's unchanged, and ``lerp`` of
+        two equal values returns that value exactly. So G_ema is bit for bit the official code's
+        moving average over every variable, without the reads and writes of layers that cannot
+        change (at paper widths and ``max_res`` 256, most of G at 4 px). Layers below ``res``
+        that the phase no longer trains, such as an earlier toRGB, stay in: their average still
+        moves towards G's last values, as in the official code.
+
+        G may be wrapped (``torch.compile`` in the benchmark): it is matched to G_ema by order.
+        """
+        cached = self._ema_pairs.get(res)
+        if cached is None or cached[0] is not self.G or cached[1] is not self.G_ema:
+            grown = self.G_ema.parameters_grown(res)
+            pairs = [(e, g) for (name, e), g in zip(self.G_ema.named_parameters(), self.G.parameters(), strict=True)
+                     if name in grown]
+            cached = self._ema_pairs[res] = (self.G, self.G_ema, [e for e, _ in pairs], [g for _, g in pairs])
+        return cached[2], cached[3]
 
     def autocast(self, device_type: str):
         """The autocast region of the forward passes (a no-op context without ``--amp``). Autocast's

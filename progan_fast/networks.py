@@ -167,6 +167,13 @@ class Generator(nn.Module):
             layers.append(f"to_rgb.{res // 2}")
         return _parameters_of(self, layers)
 
+    def parameters_grown(self, res: int) -> set[str]:
+        """Names of the parameters of every layer at resolutions up to ``res``: the network a run
+        has grown by the time it trains at ``res`` (a superset of :meth:`parameters_used` at ``res``
+        and every resolution below). The layers above ``res`` have not been trained yet."""
+        layers = ["input", "conv4", "to_rgb.4"] + [f"{kind}.{r}" for r in _grown(res) for kind in ("blocks", "to_rgb")]
+        return _parameters_of(self, layers)
+
 
 def with_labels(z: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """G's input: the latents, with the one-hot labels appended when conditional."""

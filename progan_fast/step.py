@@ -3,7 +3,8 @@
 1. D step: draw latents, generate fakes without tracking G, compute D's loss on the real batch and
    the fakes (plus the gradient penalty for ``wgan-gp``), one Adam step on D.
 2. G step: draw fresh latents, compute G's loss through D (D's parameters frozen), one Adam step on G.
-3. EMA of G: ``G_ema = lerp(G_ema, G, 1 - beta)`` (beta 0.999, ProGAN's ``G_smoothing``).
+3. EMA of G: ``G_ema = lerp(G_ema, G, 1 - beta)`` (beta 0.999, ProGAN's ``G_smoothing``), over
+   the layers grown so far; the others are equal in both (:meth:`GANState.ema_parameters`).
 
 All randomness comes from torch's default generators, whose state the checkpoint carries, so a
 resumed run repeats an uninterrupted one bit for bit on the CPU.
@@ -171,13 +172,16 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     finally:
         D.requires_grad_(True)
 
-    with nvtx_range("EMA"):
-        update_ema(state.G_ema, G, state.ema_beta)
+    with nvtx_range("EMA"), torch.no_grad():
+        ema, model = state.ema_parameters(res)  # the layers grown so far: the others are equal (see there)
+        torch._foreach_lerp_(ema, model, 1.0 - state.ema_beta)
     return StepLosses(d_loss.detach(), g_loss.detach(), stats, torch.maximum(d_bad, g_bad))
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """``ema = lerp(ema, model, 1 - beta)`` over every parameter (a training step updates only the
+    layers grown so far: :meth:`GANState.ema_parameters`)."""
     ema_params = list(ema.parameters())
     torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - beta)
 

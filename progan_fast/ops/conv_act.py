@@ -82,10 +82,18 @@ def reference(
     pixel_norm: bool = False,
 ) -> torch.Tensor:
     """Eager reference. Scaling the (small) weight instead of the (large) output is the same math
-    and what the official code does."""
+    and what the official code does.
+
+    A 1x1 kernel on a 1x1 input (the networks' dense layers) runs as ``F.linear``, one GEMM: the
+    same sum, where oneDNN's 1x1 convolution of a ``[N, C, 1, 1]`` tensor is many times slower on
+    the CPU (its backward for D's ``8192 -> 512`` dense layer took 48 ms a call against about 5
+    for the GEMM, at batch 16 on one core; ``benchmarks/step_overhead.py``)."""
     if upsample:
         x = upsample2x_reference(x)
-    y = F.conv2d(x, weight * scale, bias, padding=weight.shape[-1] // 2)
+    if weight.shape[-1] == 1 and x.shape[-2:] == (1, 1):
+        y = F.linear(x.flatten(1), (weight * scale).flatten(1), bias).reshape(x.shape[0], -1, 1, 1)
+    else:
+        y = F.conv2d(x, weight * scale, bias, padding=weight.shape[-1] // 2)
     if activation:
         y = F.leaky_relu(y, NEGATIVE_SLOPE)
     if pixel_norm:
