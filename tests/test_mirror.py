@@ -33,7 +33,7 @@ def reals_seen(monkeypatch, mirror_on: bool, batch: int, world: World = World(),
     images = torch.randint(0, 256, (5, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     seen = []
 
-    def record(state_, reals, res, alpha):
+    def record(state_, reals, res, alpha, *labels):
         seen.append(reals.clone())
         zero = torch.zeros(())
         return StepLosses(zero, zero, {}, zero)
