@@ -90,3 +90,29 @@ def test_the_flag_reaches_the_iteration_and_belongs_to_the_run(tmp_path, monkeyp
     assert '"mirror": true' in (tmp_path / "run" / "config.json").read_text()
     # Resuming without it would train a different run: refused, naming the setting.
     assert train.main(TINY + ["--out", str(tmp_path / "run"), "--resume", "auto"]) == 2
+
+
+def test_mirroring_never_changes_labels(monkeypatch):
+    """Conditional + mirror: every real keeps the label of the image it came from, flipped or not."""
+    torch.manual_seed(0)
+    cfg = NetworkConfig(max_res=8, latent_size=16, fmap_base=64, fmap_max=16, num_classes=5)
+    state = GANState.create(cfg, torch.device("cpu"), loss="nonsat")
+    images = torch.randint(0, 256, (5, 3, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    labels = torch.tensor([3, 0, 4, 1, 2])  # image i has class labels[i]
+    seen = []
+
+    def record(state_, reals, res, alpha, real_labels, pool):
+        seen.append((reals.clone(), real_labels.clone()))
+        zero = torch.zeros(())
+        return StepLosses(zero, zero, {}, zero)
+
+    monkeypatch.setattr(step, "train_step", record)
+    Iteration(state, 8, 300, False, torch.device("cpu"), images, mirror=True, labels=labels)()
+    reals, real_labels = seen[0]
+    reals = ((reals + 1) * 127.5).round().to(torch.uint8)
+    flips = 0
+    for row, label in zip(reals, real_labels.tolist()):
+        source = [i for i, im in enumerate(images) if torch.equal(row, im) or torch.equal(row, im.flip(-1))]
+        assert len(source) == 1 and labels[source[0]] == label
+        flips += not torch.equal(row, images[source[0]])
+    assert 0.4 * 300 < flips < 0.6 * 300
