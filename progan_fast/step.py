@@ -178,14 +178,6 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     return StepLosses(d_loss.detach(), g_loss.detach(), stats, torch.maximum(d_bad, g_bad))
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """``ema = lerp(ema, model, 1 - beta)`` over every parameter (a training step updates only the
-    layers grown so far: :meth:`GANState.ema_parameters`)."""
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - beta)
-
-
 @dataclass
 class Window:
     """What :meth:`Iteration.read_window` reports for the steps since the last read.
@@ -223,8 +215,9 @@ class Iteration:
       non-finite steps. :meth:`read_window` reads and resets them when the trainer logs.
 
     A call draws its randomness in the same order as the eager loop always did (batch indices, the
-    mirror coins with ``mirror``, D's latents, the penalty's mix, G's latents), so a captured and an eager run see the same numbers;
-    every rank draws the global batch's and keeps its slice.
+    mirror coins with ``mirror``, D's latents, a conditional run's fake labels, the penalty's mix,
+    G's latents and fake labels), so a captured and an eager run see the same numbers; every rank
+    draws the global batch's and keeps its slice.
     """
 
     def __init__(self, state: GANState, res: int, batch: int, fade: bool, device: torch.device,
