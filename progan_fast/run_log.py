@@ -109,8 +109,9 @@ class RunLog:
         """The EMA generator's grid on the fixed latents: ``fakes-<images>.png`` and ``latest.png``."""
         if not self.main:
             return None
-        labels = [None] * 4 if self.sample_labels is None else self.sample_labels.split(16)
-        fakes = torch.cat([G_ema(z, res, alpha, y) for z, y in zip(self.sample_latents.split(16), labels)])
+        latents = self.sample_latents.split(16)
+        labels = [None] * len(latents) if self.sample_labels is None else self.sample_labels.split(16)
+        fakes = torch.cat([G_ema(z, res, alpha, y) for z, y in zip(latents, labels)])
         path = save_grid(fakes, self.path / "samples" / f"fakes-{images:012d}.png", columns=SAMPLE_COLUMNS)
         save_grid(fakes, self.path / "samples" / "latest.png", columns=SAMPLE_COLUMNS)
         if self.writer is not None:
