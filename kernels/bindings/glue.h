@@ -19,6 +19,7 @@
 #include <string>
 
 #include "../cpu/cpu_kernels.h"
+#include "progan/layout.h"
 
 #ifdef PROGAN_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -70,6 +71,26 @@ inline NCP ncp(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "progan_fast_native::", op, ": needs an [N, C, ...] tensor, got shape ", x.sizes());
   const int64_t n = x.size(0), c = x.size(1);
   return {n, c, n * c == 0 ? 0 : x.numel() / (n * c)};
+}
+
+// The layout an op runs in (progan/layout.h): `x` itself when it is dense NCHW or dense NHWC, else
+// an NCHW copy; `channels_last` says which. Outputs are allocated with memory_format(channels_last)
+// and the op's other activations brought there with to_layout, a copy only when they differ.
+struct Dense {
+  at::Tensor t;
+  bool channels_last;
+};
+inline Dense dense_layout(const at::Tensor& x) {
+  if (x.is_contiguous()) return {x, false};
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return {x, true};
+  return {x.contiguous(), false};
+}
+inline at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+inline at::Tensor to_layout(const at::Tensor& x, bool channels_last) {
+  const auto fmt = memory_format(channels_last && x.dim() == 4);
+  return x.is_contiguous(fmt) ? x : x.contiguous(fmt);
 }
 
 inline at::ScalarType acc_type(const at::Tensor& t) {

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "progan/layout.h"
 #include "progan/math.h"
 
 namespace progan::cpu {

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "progan/cuda_launchers.h"
+#include "progan/layout.h"
 #include "progan/math.h"
 
 namespace progan::cuda {

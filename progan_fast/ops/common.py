@@ -9,6 +9,15 @@
   ``conv_act`` (its ``upsample`` option); ``downsample2x_reference`` is also the ``downsample2x``
   op's reference.
 - :func:`fp32_conv_uses_tf32`: the one fp32 precision policy of every convolution (see there).
+- :func:`is_channels_last`, :func:`dense_layout`, :func:`memory_format`, :func:`ncp_strides`: the
+  two activation layouts every op's kernels read and write (see "Memory formats" below).
+
+Memory formats. Every op takes 4-d activations in either of two dense layouts, NCHW
+(``torch.contiguous_format``) or NHWC (``torch.channels_last``), and returns its outputs in the layout
+of its (first) input, with no copy on the way: the kernels index through the strides of an
+``[N, C, P]`` view (``P = H * W``), ``(C*P, P, 1)`` for NCHW and ``(P*C, 1, C)`` for NHWC. Any other
+strides (a slice, a transpose) are copied to NCHW first, as before. A tensor that is dense in both
+layouts (``C == 1`` or ``H * W == 1``) counts as NCHW: both index the same memory the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +48,37 @@ def alpha_grad(grad: torch.Tensor, b_minus_a: torch.Tensor, alpha: torch.Tensor)
     differentiable."""
     acc = torch.promote_types(torch.float64 if grad.dtype == torch.float64 else torch.float32, alpha.dtype)
     return (grad.to(acc) * b_minus_a.to(acc)).sum().to(alpha.dtype)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a dense NHWC (channels-last) tensor that is not also dense NCHW."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def dense_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(x, channels_last)``: ``x`` itself when it is dense NCHW or dense NHWC, else an NCHW copy;
+    and which of the two layouts it is in. Every op's wrapper calls this on its first activation
+    and brings the others to the same layout (:func:`to_layout`)."""
+    if x.is_contiguous():
+        return x, False
+    if is_channels_last(x):
+        return x, True
+    return x.contiguous(), False
+
+
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``x`` in the given layout: itself when already there (no copy), else a copy."""
+    fmt = memory_format(channels_last and x.dim() == 4)
+    return x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)
+
+
+def ncp_strides(c: int, p: int, channels_last: bool) -> tuple[int, int, int]:
+    """Element strides ``(sample, channel, pixel)`` of the ``[N, C, P]`` view of a dense tensor."""
+    return (p * c, 1, c) if channels_last else (c * p, p, 1)
 
 
 def upsample2x_reference(x: torch.Tensor) -> torch.Tensor:
