@@ -80,21 +80,29 @@ SHAPES = [
 
 # ----- one runner per op: both directions through the launchers, compared with the reference ------
 
-def run_pixel_norm(emu, shape, dtype, placement="end"):
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """An [N, C, H, W] tensor's channels-last memory, as the [N, H, W, C] tensor the buffers take."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def run_pixel_norm(emu, shape, dtype, placement="end", channels_last=False):
     n, c, h, w = shape
     p = h * w
     code = emu.dtype_code(dtype)
     x, dy = inputs(shape, dtype, 1), inputs(shape, dtype, 2)
-    xb = emu.buffer(x, "x", placement)
-    y = emu.output(shape, dtype, "y", placement)
-    emu.call("pixel_norm_forward", code, xb, y, n, c, p, EPS)
+    # channels_last: the buffers hold NHWC memory; results are read back as [N, H, W, C] and permuted.
+    mem, mshape = (nhwc, (n, h, w, c)) if channels_last else ((lambda t: t), shape)
+    back = (lambda t: t.permute(0, 3, 1, 2)) if channels_last else (lambda t: t)
+    xb = emu.buffer(mem(x), "x", placement)
+    y = emu.output(mshape, dtype, "y", placement)
+    emu.call("pixel_norm_forward", code, xb, y, n, c, p, EPS, channels_last)
     x64 = x.double().requires_grad_()
     ref = x64 * torch.rsqrt(x64.square().mean(1, keepdim=True) + EPS)
-    check(y.read(), ref, dtype, "pixel_norm forward")
-    dx = emu.output(shape, dtype, "dx", placement)
-    emu.call("pixel_norm_backward", code, emu.buffer(dy, "dy", placement), xb, dx, n, c, p, EPS)
+    check(back(y.read()), ref, dtype, "pixel_norm forward")
+    dx = emu.output(mshape, dtype, "dx", placement)
+    emu.call("pixel_norm_backward", code, emu.buffer(mem(dy), "dy", placement), xb, dx, n, c, p, EPS, channels_last)
     (want,) = torch.autograd.grad(ref, x64, dy.double())
-    check(dx.read(), want, dtype, "pixel_norm backward")
+    check(back(dx.read()), want, dtype, "pixel_norm backward")
 
 
 def run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, with_bias=True, placement="end"):
@@ -245,6 +253,24 @@ def test_pixel_norm(emu, configure_case, shape, cap, dtype):
     run_pixel_norm(emu, shape, dtype)
 
 
+# Channels-last: fewer than 32 channels take the strided thread-per-pixel kernels, 32 or more the
+# warp-per-pixel ones (37 and 70 leave a partial pass of lanes; 2 * 7 * 9 = 126 pixels are 16 blocks
+# of 8 warps, and a cap of 2 blocks makes the warp-stride loop take several passes).
+NHWC_SHAPES = [
+    pytest.param((1, 3, 5, 7), None, id="n1-c3-5x7"),
+    pytest.param((2, 13, 17, 19), 2, id="n2-c13-17x19-grid2"),
+    pytest.param((1, 37, 3, 5), None, id="n1-c37-3x5-warp"),
+    pytest.param((2, 70, 7, 9), 2, id="n2-c70-7x9-warp-grid2"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape,cap", NHWC_SHAPES)
+def test_pixel_norm_channels_last(emu, configure_case, shape, cap, dtype):
+    configure_case(cap)
+    run_pixel_norm(emu, shape, dtype, channels_last=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("activation,pixel_norm", [(True, True), (True, False), (False, True), (False, False)],
                          ids=["act-pn", "act", "pn", "linear"])
@@ -302,6 +328,8 @@ def test_every_kernel_against_guard_pages_at_both_ends(emu, configure_case, plac
     configure_case(2)
     shape = (2, 5, 7, 9)
     run_pixel_norm(emu, shape, torch.float32, placement)
+    run_pixel_norm(emu, shape, torch.float32, placement, channels_last=True)
+    run_pixel_norm(emu, (2, 33, 3, 5), torch.float32, placement, channels_last=True)
     run_conv_epilogue(emu, shape, torch.float32, True, True, placement=placement)
     run_conv_epilogue(emu, shape, torch.float32, False, False, placement=placement)
     run_fade_in(emu, (2, 3, 3, 5), torch.float32, placement)
@@ -324,6 +352,7 @@ def test_every_kernel_runs_in_every_dtype(emu, configure_case):
     configure_case(None)
     for dtype in DTYPES:
         run_pixel_norm(emu, (1, 3, 2, 2), dtype)
+        run_pixel_norm(emu, (1, 33, 2, 2), dtype, channels_last=True)
         for act, pn in [(True, True), (True, False)]:
             run_conv_epilogue(emu, (1, 3, 2, 2), dtype, act, pn)
         run_fade_in(emu, (1, 2, 2, 2), dtype)

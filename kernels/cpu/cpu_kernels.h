@@ -21,11 +21,13 @@ namespace progan::cpu {
 
 // acc_t<T>, the accumulation type, comes from progan/math.h (shared with the CUDA kernels).
 
-// pixel_norm: y = x * rsqrt(mean_c(x^2) + eps); dx = r * (dy - y * mean_c(dy * y)).
+// pixel_norm: y = x * rsqrt(mean_c(x^2) + eps); dx = r * (dy - y * mean_c(dy * y)). All buffers
+// dense NCHW, or dense NHWC with channels_last (then the sums run over contiguous channels).
 template <typename T>
-void pixel_norm_forward(const T* x, T* y, int64_t n, int64_t c, int64_t p, double eps);
+void pixel_norm_forward(const T* x, T* y, int64_t n, int64_t c, int64_t p, double eps, bool channels_last);
 template <typename T>
-void pixel_norm_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t p, double eps);
+void pixel_norm_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t p, double eps,
+                         bool channels_last);
 
 // conv_act's epilogue on the conv output `conv` ([N, C, P], conv with the unscaled weight):
 // y = lrelu(conv * scale + bias[c]) (activation optional), then optionally pixel norm, with

@@ -9,12 +9,12 @@ using progan::cuda::DType;
 #define PROGAN_EMU_API extern "C" __attribute__((visibility("default")))
 
 PROGAN_EMU_API int progan_emu_pixel_norm_forward(int dt, const void* x, void* y, int64_t n, int64_t c, int64_t p,
-                                                 double eps) {
-  return progan::cuda::pixel_norm_forward(DType(dt), x, y, n, c, p, eps, nullptr);
+                                                 double eps, bool channels_last) {
+  return progan::cuda::pixel_norm_forward(DType(dt), x, y, n, c, p, eps, channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_pixel_norm_backward(int dt, const void* dy, const void* x, void* dx, int64_t n,
-                                                  int64_t c, int64_t p, double eps) {
-  return progan::cuda::pixel_norm_backward(DType(dt), dy, x, dx, n, c, p, eps, nullptr);
+                                                  int64_t c, int64_t p, double eps, bool channels_last) {
+  return progan::cuda::pixel_norm_backward(DType(dt), dy, x, dx, n, c, p, eps, channels_last, nullptr);
 }
 PROGAN_EMU_API int64_t progan_emu_conv_epilogue_num_blocks(int64_t n, int64_t p) {
   return progan::cuda::conv_epilogue_num_blocks(n, p);

@@ -14,6 +14,11 @@ Backends:
 - ``cpu`` / ``cuda``: the native library's ``progan_fast_native::`` twins, the same algorithm
   (kernels/cuda/pixel_norm.cu, kernels/cpu/pixel_norm.cpp), same autograd.
 
+Layouts: every backend takes ``x`` dense NCHW or dense NHWC (channels-last) and returns ``y`` (and
+the backward ``dx``) in ``x``'s layout without copying it (:mod:`progan_fast.ops.common`, "Memory
+formats"); the kernels address both through strides, and in NHWC their reduction over channels
+reads contiguous memory. Other strides are copied to NCHW first.
+
 Autograd: the backward is an op of its own; its derivative (the second derivative, which training
 never needs: pixel norm is in G only, outside the gradient penalty) comes from differentiating the
 reference.
@@ -28,6 +33,7 @@ import torch
 
 from . import _backend, _native
 from . import triton as triton_backend
+from .common import dense_layout, memory_format, to_layout
 from .triton import pixel_norm as kernels
 
 # ----- reference ----------------------------------------------------------------------------------
@@ -43,31 +49,34 @@ def reference(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 @torch.library.custom_op("progan_fast::pixel_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _pixel_norm_op(x: torch.Tensor, eps: float) -> torch.Tensor:
     triton_backend.check_device("pixel_norm", x)
-    x = x.contiguous()
-    y = torch.empty_like(x)
+    x, cl = dense_layout(x)
+    y = torch.empty_like(x, memory_format=memory_format(cl))
     if y.numel():
-        kernels.pixel_norm_forward(x, y, eps)
+        kernels.pixel_norm_forward(x, y, eps, cl)
     return y
 
 
 @_pixel_norm_op.register_fake
 def _pixel_norm_op_fake(x, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    _, cl = dense_layout(x)
+    return torch.empty_like(x, memory_format=memory_format(cl))
 
 
 @torch.library.custom_op("progan_fast::pixel_norm_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _pixel_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     triton_backend.check_device("pixel_norm_backward", grad, x)
-    grad, x = grad.contiguous(), x.contiguous()
-    dx = torch.empty_like(x)
+    x, cl = dense_layout(x)
+    grad = to_layout(grad, cl)
+    dx = torch.empty_like(x, memory_format=memory_format(cl))
     if dx.numel():
-        kernels.pixel_norm_backward(grad, x, dx, eps)
+        kernels.pixel_norm_backward(grad, x, dx, eps, cl)
     return dx
 
 
 @_pixel_norm_backward_op.register_fake
 def _pixel_norm_backward_op_fake(grad, x, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    _, cl = dense_layout(x)
+    return torch.empty_like(x, memory_format=memory_format(cl))
 
 
 TRITON = SimpleNamespace(pixel_norm=_pixel_norm_op, pixel_norm_backward=_pixel_norm_backward_op)

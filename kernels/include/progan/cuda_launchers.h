@@ -17,11 +17,11 @@ namespace progan::cuda {
 
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
 
-// pixel_norm.
+// pixel_norm: every buffer dense NCHW, or dense NHWC with channels_last (progan/layout.h).
 cudaError_t pixel_norm_forward(DType dt, const void* x, void* y, int64_t n, int64_t c, int64_t p, double eps,
-                               cudaStream_t stream);
+                               bool channels_last, cudaStream_t stream);
 cudaError_t pixel_norm_backward(DType dt, const void* dy, const void* x, void* dx, int64_t n, int64_t c, int64_t p,
-                                double eps, cudaStream_t stream);
+                                double eps, bool channels_last, cudaStream_t stream);
 
 // conv_act's epilogue: y = lrelu(conv * scale + bias) [then pixel norm, r = per-pixel scale,
 // accumulation type].
