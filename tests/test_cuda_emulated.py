@@ -105,32 +105,37 @@ def run_pixel_norm(emu, shape, dtype, placement="end", channels_last=False):
     check(back(dx.read()), want, dtype, "pixel_norm backward")
 
 
-def run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, with_bias=True, placement="end"):
+def run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, with_bias=True, placement="end",
+                      channels_last=False):
     n, c, h, w = shape
     p = h * w
     code, acc = emu.dtype_code(dtype), emulator.ACC_DTYPES[dtype]
     conv, bias, dy = inputs(shape, dtype, 3), inputs((c,), dtype, 4), inputs(shape, dtype, 5)
     scale = 0.37
-    y = emu.output(shape, dtype, "y", placement)
+    # channels_last: conv, y, dy and g hold NHWC memory (read back as [N, H, W, C], then permuted).
+    mem, mshape = (nhwc, (n, h, w, c)) if channels_last else ((lambda t: t), shape)
+    back = (lambda t: t.permute(0, 3, 1, 2)) if channels_last else (lambda t: t)
+    y = emu.output(mshape, dtype, "y", placement)
     r = emu.output((n * p,), acc, "r", placement)
     bias_b = emu.buffer(bias, "bias", placement) if with_bias else None
-    emu.call("conv_epilogue_forward", code, emu.buffer(conv, "conv", placement), y, bias_b,
-             r if pixel_norm else None, n, c, p, scale, activation, pixel_norm)
+    emu.call("conv_epilogue_forward", code, emu.buffer(mem(conv), "conv", placement), y, bias_b,
+             r if pixel_norm else None, n, c, p, scale, activation, pixel_norm, channels_last)
     z = (conv.double() * scale + (bias.double().view(1, c, 1, 1) if with_bias else 0)).requires_grad_()
     v = F.leaky_relu(z, 0.2) if activation else z
     r_ref = torch.rsqrt(v.square().mean(1, keepdim=True) + EPS) if pixel_norm else None
     ref = v * r_ref if pixel_norm else v
-    y_got = y.read()
+    y_got = back(y.read())
     check(y_got, ref, dtype, f"conv_epilogue forward (activation={activation}, pixel_norm={pixel_norm})")
     if pixel_norm:
         check(r.read().view(n, h, w), r_ref.view(n, h, w), acc, "conv_epilogue forward's r")
     # Backward from the forward's own saved y and r, as the glue calls it.
     blocks = emu.value("conv_epilogue_num_blocks", n, p)
     assert blocks == -(-n * p // THREADS)
-    g = emu.output(shape, dtype, "g", placement)
+    g = emu.output(mshape, dtype, "g", placement)
     bias_part = emu.output((blocks, c), acc, "bias_part", placement)
-    emu.call("conv_epilogue_backward", code, emu.buffer(dy, "dy", placement), emu.buffer(y_got, "y", placement),
-             r if pixel_norm else None, g, bias_part, n, c, p, activation, pixel_norm)
+    emu.call("conv_epilogue_backward", code, emu.buffer(mem(dy), "dy", placement),
+             emu.buffer(mem(y_got), "y", placement), r if pixel_norm else None, g, bias_part, n, c, p, activation,
+             pixel_norm, channels_last)
     # The reference gradient from the saved y and r the kernel gets (in bf16/fp16 y is rounded, and
     # the kernel's gradient is exact for that y): pixel norm's r * (dy - y * mean(dy * y)), then
     # leaky-ReLU's slope where y <= 0.
@@ -143,7 +148,7 @@ def run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, with_bias=True,
         (exact,) = torch.autograd.grad(ref, z, dy.double())
         torch.testing.assert_close(dz, exact, rtol=1e-10, atol=1e-10)
     if activation or pixel_norm:
-        check(g.read(), dz, dtype, "conv_epilogue backward's g")
+        check(back(g.read()), dz, dtype, "conv_epilogue backward's g")
     else:  # g is only written when there is something to apply; the glue uses dy itself
         assert torch.isnan(g.read()).all(), "conv_epilogue backward wrote g without activation or pixel norm"
     # bias_part[b, ch]: the sum of g over block b's pixels q = b * 256 + t of the flattened (n, p).
@@ -283,6 +288,16 @@ def test_conv_epilogue(emu, configure_case, shape, cap, activation, pixel_norm, 
 def test_conv_epilogue_without_bias(emu, configure_case):
     configure_case(None)
     run_conv_epilogue(emu, (2, 3, 5, 7), torch.float32, True, True, with_bias=False)
+    run_conv_epilogue(emu, (2, 3, 5, 7), torch.float32, True, True, with_bias=False, channels_last=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("activation,pixel_norm", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["act-pn", "act", "pn", "linear"])
+@pytest.mark.parametrize("shape,cap", NHWC_SHAPES)
+def test_conv_epilogue_channels_last(emu, configure_case, shape, cap, activation, pixel_norm, dtype):
+    configure_case(cap)
+    run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, channels_last=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -332,6 +347,8 @@ def test_every_kernel_against_guard_pages_at_both_ends(emu, configure_case, plac
     run_pixel_norm(emu, (2, 33, 3, 5), torch.float32, placement, channels_last=True)
     run_conv_epilogue(emu, shape, torch.float32, True, True, placement=placement)
     run_conv_epilogue(emu, shape, torch.float32, False, False, placement=placement)
+    run_conv_epilogue(emu, shape, torch.float32, True, True, placement=placement, channels_last=True)
+    run_conv_epilogue(emu, shape, torch.float32, True, False, placement=placement, channels_last=True)
     run_fade_in(emu, (2, 3, 3, 5), torch.float32, placement)
     run_blend(emu, 999, torch.float32, placement)
     run_blend(emu, 1024, torch.float32, placement)

@@ -31,17 +31,19 @@ void pixel_norm_backward(const T* dy, const T* x, T* dx, int64_t n, int64_t c, i
 
 // conv_act's epilogue on the conv output `conv` ([N, C, P], conv with the unscaled weight):
 // y = lrelu(conv * scale + bias[c]) (activation optional), then optionally pixel norm, with
-// r[n, p] = pixel norm's per-pixel scale saved for the backward (float32, or double).
+// r[n, p] = pixel norm's per-pixel scale saved for the backward (float32, or double). conv, y (and
+// the backward's dy, g) dense NCHW, or dense NHWC with channels_last; r and bias_part are the same
+// in both layouts.
 template <typename T>
 void conv_epilogue_forward(const T* conv, T* y, const T* bias, acc_t<T>* r, int64_t n, int64_t c, int64_t p, double scale,
-                           bool activation, bool pixel_norm);
+                           bool activation, bool pixel_norm, bool channels_last);
 // Backward of the epilogue up to the pre-activation: g = lrelu'(y) * pixel_norm'(dy) (g may alias
 // nothing; it is dy itself when neither option is on, and then only the bias sums are computed).
 // bias_part[t, c] receives the sum of g over tile t's pixels, for num_tiles(n, p) tiles.
 int64_t conv_epilogue_num_tiles(int64_t n, int64_t p);
 template <typename T>
 void conv_epilogue_backward(const T* dy, const T* y, const acc_t<T>* r, T* g, acc_t<T>* bias_part, int64_t n,
-                            int64_t c, int64_t p, bool activation, bool pixel_norm);
+                            int64_t c, int64_t p, bool activation, bool pixel_norm, bool channels_last);
 
 // fade_in and fade_reals; alpha is passed by value here and below (on the CPU reading the 0-dim
 // tensor is free). rows = N * C * H of the low-resolution tensor, wl = its width.

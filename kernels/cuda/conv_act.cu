@@ -1,11 +1,17 @@
 // The equalized-LR conv's epilogue on the conv output (cuDNN's conv with the unscaled weight):
 // y = lrelu(conv * scale + bias) [then pixel norm], and its backward with the bias gradient.
 //
-// Without pixel norm the forward is elementwise (a grid-stride loop, channel = (i / P) % C).
-// With pixel norm, and in the backward, one thread owns a pixel (n, p) and walks its C channels:
-// consecutive threads take consecutive pixels, so every load is coalesced. The backward's bias
-// gradient is reduced per block and channel into bias_part[block, c] (no atomics: deterministic);
-// the glue sums the few rows.
+// Layouts (progan/layout.h): conv, y, dy and g are dense NCHW or dense NHWC (channels_last), and
+// the kernels address them through the [N, C, P] strides s = (s.n, s.c, s.p); r ([N, P]) and
+// bias_part are the same in both.
+//
+// Without pixel norm the forward is elementwise (a grid-stride loop over memory order, channel =
+// (i / s.c) % C: (i / P) % C in NCHW, i % C in NHWC). With pixel norm, and in the backward, one
+// thread owns a pixel (n, p) and walks its C channels: in NCHW consecutive threads take
+// consecutive pixels, so every load is coalesced; in NHWC a thread walks its pixel's contiguous
+// channels (correct, not coalesced across threads). The backward's bias gradient is reduced per
+// block and channel into bias_part[block, c] (no atomics: deterministic); the glue sums the few
+// rows.
 #include "common.cuh"
 
 namespace progan::cuda {
@@ -15,11 +21,11 @@ constexpr int kThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_pointwise_kernel(const T* __restrict__ conv, T* __restrict__ y,
                                                                       const T* __restrict__ bias, int64_t numel,
-                                                                      int64_t c, int64_t p, acc_t<T> scale,
-                                                                      bool activation) {
+                                                                      int64_t c, int64_t channel_stride,
+                                                                      acc_t<T> scale, bool activation) {
   using A = acc_t<T>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
-    A v = fma_(to_acc(conv[i]), scale, bias ? to_acc(bias[(i / p) % c]) : A(0));
+    A v = fma_(to_acc(conv[i]), scale, bias ? to_acc(bias[(i / channel_stride) % c]) : A(0));
     y[i] = from_acc<T>(activation ? lrelu(v) : v);
   }
 }
@@ -28,23 +34,24 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_pixel_norm_kernel(const T* __restrict__ conv, T* __restrict__ y,
                                                                        const T* __restrict__ bias,
                                                                        acc_t<T>* __restrict__ r, int64_t n, int64_t c,
-                                                                       int64_t p, acc_t<T> scale, bool activation) {
+                                                                       int64_t p, NCPStrides s, acc_t<T> scale,
+                                                                       bool activation) {
   using A = acc_t<T>;
   const A inv_c = A(1) / A(c);
   for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < n * p; q += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t base = (q / p) * c * p + q % p;
+    const int64_t base = (q / p) * s.n + (q % p) * s.p;
     A sum = A(0);
     for (int64_t ch = 0; ch < c; ++ch) {
-      A v = fma_(to_acc(conv[base + ch * p]), scale, bias ? to_acc(bias[ch]) : A(0));
+      A v = fma_(to_acc(conv[base + ch * s.c]), scale, bias ? to_acc(bias[ch]) : A(0));
       if (activation) v = lrelu(v);
       sum += v * v;
     }
     const A rs = rsqrt_(sum * inv_c + A(kPixelNormEps));
     r[q] = rs;
     for (int64_t ch = 0; ch < c; ++ch) {
-      A v = fma_(to_acc(conv[base + ch * p]), scale, bias ? to_acc(bias[ch]) : A(0));
+      A v = fma_(to_acc(conv[base + ch * s.c]), scale, bias ? to_acc(bias[ch]) : A(0));
       if (activation) v = lrelu(v);
-      y[base + ch * p] = from_acc<T>(v * rs);
+      y[base + ch * s.c] = from_acc<T>(v * rs);
     }
   }
 }
@@ -54,23 +61,24 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y,
                                                                 const acc_t<T>* __restrict__ r, T* __restrict__ g,
                                                                 acc_t<T>* __restrict__ bias_part, int64_t n, int64_t c,
-                                                                int64_t p, bool activation, bool pixel_norm) {
+                                                                int64_t p, NCPStrides s, bool activation,
+                                                                bool pixel_norm) {
   using A = acc_t<T>;
   __shared__ A scratch[32];
   const int64_t q = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   const bool valid = q < n * p;
-  const int64_t base = valid ? (q / p) * c * p + q % p : 0;
+  const int64_t base = valid ? (q / p) * s.n + (q % p) * s.p : 0;
   A rs = A(0), mean_dy_y = A(0);
   if (valid && pixel_norm) {
-    A s = A(0);
-    for (int64_t ch = 0; ch < c; ++ch) s += to_acc(dy[base + ch * p]) * to_acc(y[base + ch * p]);
+    A sum = A(0);
+    for (int64_t ch = 0; ch < c; ++ch) sum += to_acc(dy[base + ch * s.c]) * to_acc(y[base + ch * s.c]);
     rs = r[q];
-    mean_dy_y = s / A(c);
+    mean_dy_y = sum / A(c);
   }
   for (int64_t ch = 0; ch < c; ++ch) {
     A v = A(0);
     if (valid) {
-      const int64_t i = base + ch * p;
+      const int64_t i = base + ch * s.c;
       v = to_acc(dy[i]);
       if (activation || pixel_norm) {
         const A yv = to_acc(y[i]);
@@ -89,7 +97,7 @@ int64_t conv_epilogue_num_blocks(int64_t n, int64_t p) { return ceil_div(n * p, 
 
 cudaError_t conv_epilogue_forward(DType dt, const void* conv, void* y, const void* bias, void* r, int64_t n,
                                   int64_t c, int64_t p, double scale, bool activation, bool pixel_norm,
-                                  cudaStream_t stream) {
+                                  bool channels_last, cudaStream_t stream) {
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     using A = acc_t<scalar_t>;
     const auto* in = static_cast<const scalar_t*>(conv);
@@ -97,22 +105,23 @@ cudaError_t conv_epilogue_forward(DType dt, const void* conv, void* y, const voi
     const auto* b = static_cast<const scalar_t*>(bias);
     if (pixel_norm) {
       epilogue_pixel_norm_kernel<scalar_t><<<grid_for(n * p, kThreads), kThreads, 0, stream>>>(
-          in, out, b, static_cast<A*>(r), n, c, p, A(scale), activation);
+          in, out, b, static_cast<A*>(r), n, c, p, ncp_strides(c, p, channels_last), A(scale), activation);
     } else {
       epilogue_pointwise_kernel<scalar_t><<<grid_for(n * c * p, kThreads), kThreads, 0, stream>>>(
-          in, out, b, n * c * p, c, p, A(scale), activation);
+          in, out, b, n * c * p, c, ncp_strides(c, p, channels_last).c, A(scale), activation);
     }
   });
 }
 
 cudaError_t conv_epilogue_backward(DType dt, const void* dy, const void* y, const void* r, void* g, void* bias_part,
                                    int64_t n, int64_t c, int64_t p, bool activation, bool pixel_norm,
-                                   cudaStream_t stream) {
+                                   bool channels_last, cudaStream_t stream) {
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     using A = acc_t<scalar_t>;
     epilogue_bwd_kernel<scalar_t><<<static_cast<unsigned>(conv_epilogue_num_blocks(n, p)), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(y), static_cast<const A*>(r),
-        static_cast<scalar_t*>(g), static_cast<A*>(bias_part), n, c, p, activation, pixel_norm);
+        static_cast<scalar_t*>(g), static_cast<A*>(bias_part), n, c, p, ncp_strides(c, p, channels_last), activation,
+        pixel_norm);
   });
 }
 

@@ -21,15 +21,15 @@ PROGAN_EMU_API int64_t progan_emu_conv_epilogue_num_blocks(int64_t n, int64_t p)
 }
 PROGAN_EMU_API int progan_emu_conv_epilogue_forward(int dt, const void* conv, void* y, const void* bias, void* r,
                                                     int64_t n, int64_t c, int64_t p, double scale, bool activation,
-                                                    bool pixel_norm) {
+                                                    bool pixel_norm, bool channels_last) {
   return progan::cuda::conv_epilogue_forward(DType(dt), conv, y, bias, r, n, c, p, scale, activation, pixel_norm,
-                                             nullptr);
+                                             channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_conv_epilogue_backward(int dt, const void* dy, const void* y, const void* r, void* g,
                                                      void* bias_part, int64_t n, int64_t c, int64_t p, bool activation,
-                                                     bool pixel_norm) {
+                                                     bool pixel_norm, bool channels_last) {
   return progan::cuda::conv_epilogue_backward(DType(dt), dy, y, r, g, bias_part, n, c, p, activation, pixel_norm,
-                                              nullptr);
+                                              channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_fade_in_forward(int dt, const void* low, const void* high, const void* alpha, void* out,
                                               int64_t rows, int64_t wl) {

@@ -37,6 +37,16 @@ conv's data and weight gradients are ATen's ``convolution_backward`` on ``g`` wi
 times ``scale`` (``dw`` times ``scale``); with ``upsample`` it runs on the upsampled input and
 ``dx`` is summed over each 2x2 block (the adjoint of nearest upsampling).
 
+Layouts: ``x`` may be dense NCHW or dense NHWC (channels-last); every backend returns ``y`` (and
+the backward ``dx``) in ``x``'s layout without copying an activation (:mod:`progan_fast.ops.common`,
+"Memory formats"), and ``dw`` in the weight's layout. The Triton forward reads ``x`` and writes ``y``
+through their strides (in NHWC its loads are contiguous over input channels, its stores over
+Cout); ``r`` is ``[N, 1, H, W]``, dense in both layouts. The native composite runs ATen's conv on
+the NHWC input as it is (oneDNN and cuDNN keep channels-last) with the weight in the input's
+layout (a copy of a weight at most), and its epilogue kernels are strided too. The backward's
+ATen ``convolution_backward`` keeps channels-last; the 2x2-block sum of the upsample adjoint is
+taken on a view in the gradient's own layout.
+
 Double backward (this op sits inside the WGAN-GP penalty): the backward op's own autograd is
 written out in differentiable ATen ops (``conv2d``, ``convolution_backward``), so it serves the
 Triton and the native ops alike: the backward is bilinear in ``(g, x)`` and ``(g, w)``, and
@@ -57,7 +67,7 @@ import torch.nn.functional as F
 
 from . import _backend, _native
 from . import triton as triton_backend
-from .common import upsample2x_reference
+from .common import dense_layout, is_channels_last, memory_format, to_layout, upsample2x_reference
 from .pixel_norm import reference as pixel_norm_reference
 from .pixel_norm import triton_impl as pixel_norm_triton
 from .triton import conv_act as kernels
@@ -113,7 +123,7 @@ def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     """Returns ``(y, r)``: ``r`` ``[N, 1, H, W]`` is pixel norm's per-pixel ``rsqrt(mean(a^2) + eps)``
     (saved for the backward), an empty tensor without pixel norm."""
     triton_backend.check_device("conv2d_bias_lrelu", *([x, weight] if bias is None else [x, weight, bias]))
-    x = x.contiguous()
+    x, cl = dense_layout(x)
     n, cin, h, w = x.shape
     cout = weight.shape[0]
     if weight.shape[1] != cin:
@@ -124,29 +134,47 @@ def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     oh, ow = (2 * h, 2 * w) if upsample else (h, w)
     if max(x.numel(), n * cout * oh * ow) >= 2**31:
         raise ValueError("conv2d_bias_lrelu (triton): tensors of 2**31 elements or more are not supported")
-    y = torch.empty(n, cout, oh, ow, device=x.device, dtype=x.dtype)
+    y = torch.empty(n, cout, oh, ow, device=x.device, dtype=x.dtype, memory_format=memory_format(cl))
     r = torch.empty((n, 1, oh, ow) if pixel_norm else (0,), device=x.device, dtype=_acc_dtype(x))
     if y.numel():
-        kernels.conv2d_bias_lrelu_forward(x, weight, bias, scale, activation, upsample, pixel_norm, y, r)
+        kernels.conv2d_bias_lrelu_forward(x, weight, bias, scale, activation, upsample, pixel_norm, y, r, cl)
     return y, r
 
 
 @_conv_op.register_fake
 def _conv_op_fake(x, weight, bias, scale, activation, upsample, pixel_norm):
     n, _, h, w = x.shape
+    _, cl = dense_layout(x)
     oh, ow = (2 * h, 2 * w) if upsample else (h, w)
-    y = x.new_empty(n, weight.shape[0], oh, ow)
+    y = torch.empty(n, weight.shape[0], oh, ow, dtype=x.dtype, device=x.device, memory_format=memory_format(cl))
     r = x.new_empty((n, 1, oh, ow) if pixel_norm else (0,), dtype=_acc_dtype(x))
     return y, r
 
 
 def _upsample(x):
-    return upsample2x_reference(x)
+    """Nearest 2x upsample in ``x``'s layout: the reference's values, and channels-last input gives a
+    channels-last result (views of the ``[N, H, W, C]`` memory, one write of the result)."""
+    if not is_channels_last(x):
+        return upsample2x_reference(x)
+    n, c, h, w = x.shape
+    t = x.permute(0, 2, 3, 1).reshape(n, h, 1, w, 1, c).expand(n, h, 2, w, 2, c)
+    return t.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
 
 
 def _upsample_adjoint(g):
+    """Adjoint of nearest 2x upsampling: the sum of each 2x2 block, in ``g``'s layout (for
+    channels-last ``g`` over a view of its ``[N, H, W, C]`` memory: no copy, the same four terms)."""
     n, c, h2, w2 = g.shape
+    if is_channels_last(g):
+        return g.permute(0, 2, 3, 1).reshape(n, h2 // 2, 2, w2 // 2, 2, c).sum((2, 4)).permute(0, 3, 1, 2)
     return g.reshape(n, c, h2 // 2, 2, w2 // 2, 2).sum((3, 5))
+
+
+def _eff_weight(weight, scale, dtype, channels_last):
+    """``weight * scale`` in ``dtype``, in the activations' layout (ATen's convolutions pick their
+    output layout from the input's and the weight's: a weight in the input's layout keeps the
+    input's). A copy of a weight at most."""
+    return to_layout((weight * scale).to(dtype), channels_last)
 
 
 def _conv_input_weight_grads(g, x_in, weight, mask):
@@ -163,21 +191,29 @@ def _conv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       pixel_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)`` of the forward op given ``grad`` = dL/dy and its saved ``y``, ``r``."""
     triton_backend.check_device("conv2d_bias_lrelu_backward", grad, x, weight, y)
-    grad, x, y = grad.contiguous(), x.contiguous(), y.contiguous()
-    g, db = kernels.activation_backward(grad, y, r, activation, pixel_norm)
+    x, cl = dense_layout(x)
+    y = to_layout(y, cl)  # y was written in x's layout: no copy
+    grad = to_layout(grad, cl)
+    g, db = kernels.activation_backward(grad, y, r, activation, pixel_norm, cl)
     db = db.to(bias.dtype if bias is not None else weight.dtype)
     x_in = _upsample(x) if upsample else x
-    dx, dw = _conv_input_weight_grads(g, x_in, (weight * scale).to(x.dtype), (True, True))
+    dx, dw = _conv_input_weight_grads(g, x_in, _eff_weight(weight, scale, x.dtype, cl), (True, True))
     if upsample:
         dx = _upsample_adjoint(dx)
-    return dx, (dw * scale).to(weight.dtype), db
+    return to_layout(dx, cl), _weight_layout((dw * scale).to(weight.dtype), weight), db
+
+
+def _weight_layout(dw, weight):
+    """``dw`` in ``weight``'s layout (ATen's weight gradient follows the input's): a weight-sized copy."""
+    return to_layout(dw, is_channels_last(weight))
 
 
 @_conv_backward_op.register_fake
 def _conv_backward_op_fake(grad, x, weight, bias, y, r, scale, activation, upsample, pixel_norm):
     db_dtype = bias.dtype if bias is not None else weight.dtype
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(weight, memory_format=torch.contiguous_format),
+    _, cl = dense_layout(x)
+    return (torch.empty_like(x, memory_format=memory_format(cl)),
+            torch.empty_like(weight, memory_format=memory_format(is_channels_last(weight))),
             weight.new_empty(weight.shape[0], dtype=db_dtype))
 
 
@@ -190,13 +226,14 @@ if _native.available():
     @torch.library.register_fake("progan_fast_native::conv_epilogue")
     def _conv_epilogue_fake(conv, bias, scale, activation, pixel_norm):
         n, _, h, w = conv.shape
+        _, cl = dense_layout(conv)
         r = conv.new_empty((n, 1, h, w) if pixel_norm else (0,), dtype=_acc_dtype(conv))
-        return torch.empty_like(conv, memory_format=torch.contiguous_format), r
+        return torch.empty_like(conv, memory_format=memory_format(cl)), r
 
     @torch.library.register_fake("progan_fast_native::conv_epilogue_backward")
     def _conv_epilogue_backward_fake(grad, y, r, activation, pixel_norm):
-        return torch.empty_like(y, memory_format=torch.contiguous_format), y.new_empty(y.shape[1],
-                                                                                         dtype=_acc_dtype(y))
+        _, cl = dense_layout(y)
+        return torch.empty_like(y, memory_format=memory_format(cl)), y.new_empty(y.shape[1], dtype=_acc_dtype(y))
 
     torch.library.register_fake(NATIVE.conv2d_bias_lrelu, _conv_op_fake)
     torch.library.register_fake(NATIVE.conv2d_bias_lrelu_backward, _conv_backward_op_fake)
@@ -251,7 +288,7 @@ def _conv_backward_autograd(ctx, gdx, gdw, gdb):
         return (None,) * 10
     pad = weight.shape[-1] // 2
     x_in = _upsample(x) if upsample else x
-    w_eff = (weight * scale).to(x.dtype)
+    w_eff = _eff_weight(weight, scale, x.dtype, is_channels_last(x))
     gdx_in = (_upsample(gdx) if upsample else gdx) if gdx is not None else None
     h = None
     if gdx_in is not None:
@@ -289,7 +326,7 @@ def _conv_backward_autograd(ctx, gdx, gdw, gdb):
     if g_x is not None and upsample:
         g_x = _upsample_adjoint(g_x)
     if g_w is not None:
-        g_w = (g_w * scale).to(weight.dtype)
+        g_w = _weight_layout((g_w * scale).to(weight.dtype), weight)
     return g_grad, g_x, g_w, g_b, None, None, None, None, None, None
 
 

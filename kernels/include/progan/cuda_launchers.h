@@ -24,16 +24,16 @@ cudaError_t pixel_norm_backward(DType dt, const void* dy, const void* x, void* d
                                 double eps, bool channels_last, cudaStream_t stream);
 
 // conv_act's epilogue: y = lrelu(conv * scale + bias) [then pixel norm, r = per-pixel scale,
-// accumulation type].
+// accumulation type]. conv, y, dy and g dense NCHW, or dense NHWC with channels_last; r [N, P].
 cudaError_t conv_epilogue_forward(DType dt, const void* conv, void* y, const void* bias, void* r, int64_t n,
                                   int64_t c, int64_t p, double scale, bool activation, bool pixel_norm,
-                                  cudaStream_t stream);
+                                  bool channels_last, cudaStream_t stream);
 // g = lrelu'(y) * pixel_norm'(dy) (written when activation or pixel_norm), and bias_part[b, c] =
 // the sum of g over block b's pixels (accumulation type), for conv_epilogue_num_blocks(n, p) blocks.
 int64_t conv_epilogue_num_blocks(int64_t n, int64_t p);
 cudaError_t conv_epilogue_backward(DType dt, const void* dy, const void* y, const void* r, void* g, void* bias_part,
                                    int64_t n, int64_t c, int64_t p, bool activation, bool pixel_norm,
-                                   cudaStream_t stream);
+                                   bool channels_last, cudaStream_t stream);
 
 // fade_in and fade_reals: rows = N * C * H of the low-resolution tensor, wl = its width.
 cudaError_t fade_in_forward(DType dt, const void* low, const void* high, const void* alpha, void* out, int64_t rows,

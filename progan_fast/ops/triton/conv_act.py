@@ -2,7 +2,11 @@
 
 Forward (``_conv_fwd_kernel``): one kernel and one pass over memory, an implicit GEMM (rows
 M = N*H*W output pixels, columns = Cout, K = k*k*Cin as one flat loop over (tap, Cin chunk))
-reading NCHW ``x`` directly and writing NCHW ``y``. ``upsample`` is folded into the input
+reading ``x`` directly and writing ``y`` in ``x``'s layout, NCHW or NHWC (channels-last), through
+the channel and pixel strides of their ``[N, C, P]`` views (the sample stride is ``C * P`` in both
+layouts). Triton specializes a stride of 1, so in NHWC each A tile ``[BLOCK_M, BLOCK_K]`` is loaded
+contiguous over input channels and each output tile is stored contiguous over Cout; in NCHW both
+are contiguous over pixels, as before. ``upsample`` is folded into the input
 addressing (source pixel = output-space tap // 2, zero padding at the upsampled size): no
 upsampled tensor is ever written. The epilogue, in registers: ``* scale``, ``+ bias`` (None
 allowed), leaky-ReLU(0.2), and with ``pixel_norm`` (when one program's BLOCK_N = next_pow2(Cout)
@@ -22,7 +26,8 @@ inputs (gradcheck, and the GPU-vs-CPU tests) accumulate in fp64 without ``tl.dot
 an fp64 accumulator in triton 3.6: one input channel per step (``BLOCK_K = 1``), a rank-1 update
 of fp64 FMAs. Offsets are int32: the op refuses tensors of 2**31 elements or more.
 
-Backward (``_act_bwd_kernel``): ``g = lrelu'(pre) * pixel_norm'(grad)`` from the saved output
+Backward (``_act_bwd_kernel``, strided like the forward: NCHW or NHWC, contiguous over pixels or
+over channels): ``g = lrelu'(pre) * pixel_norm'(grad)`` from the saved output
 (``y > 0`` exactly where ``pre > 0``; pixel norm's backward is ``r * (dy - y * mean_c(dy * y))``
 in terms of ``y`` and ``r``), plus per-program partial bias sums (reduced by one small ``sum``).
 Without activation and pixel norm ``g`` is ``grad`` itself and only the bias sums are computed.
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ..common import fp32_conv_uses_tf32
+from ..common import fp32_conv_uses_tf32, ncp_strides
 from . import AotSpec, compute_dtype, on_interpreter, tl, triton
 
 #: Largest Cout whose pixel norm the forward kernel fuses (one program's BLOCK_N covers every
@@ -45,12 +50,14 @@ if triton is not None:
     @triton.jit
     def _conv_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, scale,
-        M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo,
+        M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo, stride_xc, stride_xp, stride_yc, stride_yp,
         KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
         PIXEL_NORM: tl.constexpr, IEEE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
     ):
-        """Implicit GEMM: rows = output pixels (n, oh, ow), columns = Cout, K = (tap, Cin)."""
+        """Implicit GEMM: rows = output pixels (n, oh, ow), columns = Cout, K = (tap, Cin). ``x`` and
+        ``y`` are addressed through their (channel, pixel) strides: (H*W, 1) and (OH*OW, 1) in NCHW,
+        (1, Cin) and (1, Cout) in NHWC."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,7 +86,7 @@ if triton is not None:
                 iw = iw // 2
             ck = c0 + tl.arange(0, BLOCK_K)
             k_mask = ck < Cin
-            a = tl.load(x_ptr + ((x_base + ih * W + iw)[:, None] + ck[None, :] * hw),
+            a = tl.load(x_ptr + ((x_base + (ih * W + iw) * stride_xp)[:, None] + ck[None, :] * stride_xc),
                         mask=valid[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_ptr + t * stride_wt + ck[:, None] * stride_wc + offs_n[None, :] * stride_wo,
                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -99,28 +106,29 @@ if triton is not None:
             r = 1.0 / tl.sqrt(tl.sum(out * out, axis=1) / Cout + 1e-8)
             out = out * r[:, None]
             tl.store(r_ptr + offs_m, r.to(r_ptr.dtype.element_ty), mask=m_mask)
-        y_offs = (n * Cout * ohw + p)[:, None] + offs_n[None, :] * ohw
+        y_offs = (n * Cout * ohw + p * stride_yp)[:, None] + offs_n[None, :] * stride_yc
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _act_bwd_kernel(
-        dy_ptr, y_ptr, r_ptr, g_ptr, part_ptr, C, P,
+        dy_ptr, y_ptr, r_ptr, g_ptr, part_ptr, C, P, sn, sc, sp,
         ACTIVATION: tl.constexpr, PIXEL_NORM: tl.constexpr, STORE_G: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
     ):
-        """g = lrelu'(y) * pixel_norm'(dy) from the saved output; per-program partial bias sums."""
+        """g = lrelu'(y) * pixel_norm'(dy) from the saved output; per-program partial bias sums. ``dy``,
+        ``y`` and ``g`` share the ``[N, C, P]`` strides ``(sn, sc, sp)``; ``r`` is ``[N, P]``."""
         n = tl.program_id(0)
         pb = tl.program_id(1)
         p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = p < P
-        base = n.to(tl.int64) * C * P
+        base = n.to(tl.int64) * sn
         part_row = part_ptr + (n.to(tl.int64) * tl.num_programs(1) + pb) * C
         if PIXEL_NORM:
             # With a = y / r (the pre-norm activation): dL/da = r * (dy - y * mean_c(dy * y)).
             s = tl.zeros([BLOCK_P], dtype=ACC)
             for c0 in range(0, C, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
-                offs = base + c[:, None] * P + p[None, :]
+                offs = base + c[:, None] * sc + p[None, :] * sp
                 mask = (c[:, None] < C) & p_mask[None, :]
                 dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
                 y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -129,7 +137,7 @@ if triton is not None:
             r = tl.load(r_ptr + n.to(tl.int64) * P + p, mask=p_mask, other=0.0).to(ACC)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            offs = base + c[:, None] * P + p[None, :]
+            offs = base + c[:, None] * sc + p[None, :] * sp
             mask = (c[:, None] < C) & p_mask[None, :]
             g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
             if ACTIVATION or PIXEL_NORM:
@@ -188,26 +196,35 @@ if triton is not None:
     _ACT_BWD_CONFIGS = [
         triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in [(8, 4), (16, 4), (32, 4), (32, 8)]
     ]
-    _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM"]
+    _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM", "stride_xc", "stride_yc"]
     _conv_fwd_tuned = {kind: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for kind, cfgs in _CONV_CONFIGS.items()}
     _conv_fwd_pn_tuned = {k: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for k, cfgs in _CONV_PN_CONFIGS.items()}
-    _act_bwd_tuned = triton.autotune(_ACT_BWD_CONFIGS, key=["C", "P", "BLOCK_P", "ACTIVATION", "PIXEL_NORM"])(
+    _act_bwd_tuned = triton.autotune(_ACT_BWD_CONFIGS, key=["C", "P", "sc", "BLOCK_P", "ACTIVATION", "PIXEL_NORM"])(
         _act_bwd_kernel)
+
+    # The activation layouts the AOT specs compile: the strides that are 1 there (constants, as the
+    # JIT specializes them) and a tag for the spec's name.
+    _LAYOUTS = (("", ("stride_xp", "stride_yp"), ("sp",)), ("-cl", ("stride_xc", "stride_yc"), ("sc",)))
 
     def _aot_specs() -> list:
         """Every compilation the kernel-report test checks (fp32 and bf16 activations, and fp64 for
-        the forward's own fp64 path): the 3x3 upsampling conv (the heaviest addressing) for every
-        config, the 1x1 (dense) conv for the unfused configs, the fused pixel norm at each bucket's
-        widest BLOCK_N."""
+        the forward's own fp64 path), each in both layouts (NCHW, and NHWC tagged "-cl"): the 3x3
+        upsampling conv (the heaviest addressing) for every config, the 1x1 (dense) conv for the
+        unfused configs, the fused pixel norm at each bucket's widest BLOCK_N."""
+        return [spec for layout in _LAYOUTS for spec in _aot_specs_for_layout(*layout)]
+
+    def _aot_specs_for_layout(cl_tag, unit_strides, unit_strides_bwd) -> list:
         specs = []
-        ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo")}
+        ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo",
+                                   "stride_xc", "stride_xp", "stride_yc", "stride_yp") if k not in unit_strides}
+        units = {k: 1 for k in unit_strides}
         for dt, kind in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tensor_core"), ("fp64", "fp64")):
             acc, r_type = (tl.float64, "*fp64") if dt == "fp64" else (tl.float32, "*fp32")
             sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": r_type,
                    "scale": "fp32", **ints}
             flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc,
-                     "DOT_PRECISION": "tf32" if kind == "tf32" else "ieee"}
-            tag = f"{dt}-tf32" if kind == "tf32" else dt
+                     "DOT_PRECISION": "tf32" if kind == "tf32" else "ieee", **units}
+            tag = (f"{dt}-tf32" if kind == "tf32" else dt) + cl_tag
             for ksize, up in ((3, True), (1, False)):
                 for cfg in _CONV_CONFIGS[kind]:
                     specs.append(AotSpec(
@@ -223,11 +240,12 @@ if triton is not None:
             if kind in ("fp64", "tf32"):  # the backward kernel has no code of its own for these
                 continue
             bsig = {"dy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": "*fp32", "g_ptr": f"*{dt}", "part_ptr": "*fp32",
-                    "C": "i32", "P": "i32"}
+                    "C": "i32", "P": "i32", **{k: "i32" for k in ("sn", "sc", "sp") if k not in unit_strides_bwd}}
             for cfg in _ACT_BWD_CONFIGS:
-                specs.append(AotSpec(f"conv_act_bwd:{dt}", _act_bwd_kernel, bsig,
-                                             {"ACTIVATION": True, "PIXEL_NORM": True, "STORE_G": True, "BLOCK_P": 128,
-                                              "ACC": tl.float32, **cfg.kwargs}, cfg.num_warps, cfg.num_stages))
+                specs.append(AotSpec(f"conv_act_bwd:{dt}{cl_tag}", _act_bwd_kernel, bsig,
+                                     {"ACTIVATION": True, "PIXEL_NORM": True, "STORE_G": True, "BLOCK_P": 128,
+                                      "ACC": tl.float32, **{k: 1 for k in unit_strides_bwd}, **cfg.kwargs},
+                                     cfg.num_warps, cfg.num_stages))
         return specs
 
     AOT_SPECS = _aot_specs()
@@ -253,10 +271,10 @@ def product_kind(t: torch.Tensor) -> str:
 
 def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
                               activation: bool, upsample: bool, pixel_norm: bool,
-                              y: torch.Tensor, r: torch.Tensor) -> None:
+                              y: torch.Tensor, r: torch.Tensor, channels_last: bool = False) -> None:
     """Writes ``y`` ``[N, Cout, OH, OW]`` (and, with ``pixel_norm``, ``r`` ``[N, 1, OH, OW]``) for
-    contiguous ``x`` ``[N, Cin, H, W]``; ``y`` non-empty, Cout <= :data:`PIXEL_NORM_MAX_COUT` with
-    ``pixel_norm``."""
+    ``x`` ``[N, Cin, H, W]``; ``x`` and ``y`` both dense NCHW or, with ``channels_last``, both dense
+    NHWC; ``y`` non-empty; Cout <= :data:`PIXEL_NORM_MAX_COUT` with ``pixel_norm``."""
     n, cin, h, w = x.shape
     cout, k = weight.shape[0], weight.shape[-1]
     oh, ow = y.shape[-2:]
@@ -272,7 +290,9 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     b = bias.contiguous() if bias is not None else wk  # dummy pointer, never read
     acc = compute_dtype(x)
     ieee = x.dtype in (torch.float32, torch.float64) or on_interpreter(x)  # interpreter: bf16 tl.dot is wrong
-    args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides)
+    _, sxc, sxp = ncp_strides(cin, h * w, channels_last)
+    _, syc, syp = ncp_strides(cout, oh * ow, channels_last)
+    args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides, sxc, sxp, syc, syp)
     kind = product_kind(x)
     flags = dict(KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
                  PIXEL_NORM=pixel_norm, IEEE=ieee, DOT_PRECISION="tf32" if kind == "tf32" else "ieee", ACC=acc)
@@ -293,15 +313,17 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 def activation_backward(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, activation: bool,
-                        pixel_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                        pixel_norm: bool, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g, db)``: the gradient at the pre-activation (``grad`` itself without activation and
-    pixel norm) and the bias gradient (float32, float64 for float64), from contiguous ``grad`` and
-    the saved ``y``, ``r``."""
+    pixel norm) and the bias gradient (float32, float64 for float64), from ``grad`` and the saved
+    ``y``, ``r``; ``grad`` and ``y`` dense NCHW or, with ``channels_last``, both dense NHWC, and
+    ``g`` in the same layout."""
     n, cout, oh, ow = y.shape
     p = oh * ow
     acc_t = _acc_dtype(y)
     store_g = activation or pixel_norm
-    g = torch.empty_like(y) if store_g else grad
+    g = torch.empty_like(y, memory_format=torch.channels_last if channels_last else torch.contiguous_format) \
+        if store_g else grad
     if on_interpreter(y):
         block_p = min(1024, triton.next_power_of_2(p))
     else:
@@ -309,7 +331,7 @@ def activation_backward(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, ac
     num_pb = triton.cdiv(p, block_p)
     part = torch.empty(n * num_pb, cout, device=y.device, dtype=acc_t)
     if y.numel():
-        args = (grad, y, r if pixel_norm else y, g, part, cout, p)
+        args = (grad, y, r if pixel_norm else y, g, part, cout, p, *ncp_strides(cout, p, channels_last))
         flags = dict(ACTIVATION=activation, PIXEL_NORM=pixel_norm, STORE_G=store_g, BLOCK_P=block_p,
                      ACC=compute_dtype(y))
         if on_interpreter(y):
