@@ -277,3 +277,86 @@ def emu():
 def test_cuda_epilogue_emulated(emu, activation, pixel_norm, channels_last, dtype):
     emu.configure(seed=5, max_grid_blocks=1)  # every grid-stride loop makes several passes
     emulated.run_conv_epilogue(emu, (2, 37, 3, 5), dtype, activation, pixel_norm, channels_last=channels_last)
+
+
+# ----- the Triton kernels' GPU configs in NHWC (as tests/test_triton_conv_act.py does for NCHW) ---
+# Under the interpreter the launcher takes fixed blocks; these take its GPU path (the autotuned
+# launch) with one config at a time on channels-last inputs, on shapes that need several tiles in
+# every direction, so every NHWC tiling's masks and addressing are checked without a GPU.
+
+if "triton" in ca.IMPLEMENTATIONS and not torch.cuda.is_available():
+    from progan_fast.ops.triton import conv_act as tca
+
+    _ALL_CONV_CONFIGS = [(kind, None, cfg) for kind, cfgs in tca._CONV_CONFIGS.items() for cfg in cfgs
+                         if kind in ("ieee", "fp64")] + \
+        [(kind, bucket, cfg) for (kind, bucket), cfgs in tca._CONV_PN_CONFIGS.items() for cfg in cfgs
+         if kind in ("ieee", "fp64")]
+else:
+    _ALL_CONV_CONFIGS = []
+
+
+def _config_id(entry):
+    kind, bucket, cfg = entry
+    return f"{kind}{'-pn' + str(bucket) if bucket else ''}-" + "x".join(str(v) for v in cfg.kwargs.values())
+
+
+@pytest.fixture
+def gpu_launch_path(monkeypatch):
+    """The launcher's GPU path (the autotuned kernels) on CPU tensors, restricted to one config."""
+    monkeypatch.setattr(tca, "on_interpreter", lambda t: False)
+
+    def only(tuned, cfg):
+        monkeypatch.setattr(tuned, "configs", [cfg])
+        monkeypatch.setattr(tuned, "cache", {})
+
+    return only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
+@pytest.mark.parametrize("entry", _ALL_CONV_CONFIGS, ids=_config_id)
+def test_every_forward_config_on_channels_last(entry, gpu_launch_path):
+    """Every config that CPU tensors can launch (the fp32 "ieee" and fp64 products; the TF32 and
+    tensor-core configs differ from them only in the dot), NHWC in and out."""
+    kind, bucket, cfg = entry
+    dtype = torch.float64 if kind == "fp64" else torch.float32
+    bk = cfg.kwargs["BLOCK_K"]
+    cin = 2 * bk + 3 if bk > 1 else 5  # two whole channel chunks and a partial one
+    if bucket is None:
+        cout = cfg.kwargs["BLOCK_N"] + 5  # a second, partial output-channel tile
+        opts = dict(activation=True, upsample=True, pixel_norm=False)
+        tuned = tca._conv_fwd_tuned[kind]
+    else:
+        cout = bucket // 2 + 3
+        opts = dict(activation=True, upsample=True, pixel_norm=True)
+        tuned = tca._conv_fwd_pn_tuned[(kind, bucket)]
+    gpu_launch_path(tuned, cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cin, 3, 3, generator=g, dtype=dtype).contiguous(memory_format=CL)  # M = 36
+    w = torch.randn(cout, cin, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(cout, generator=g, dtype=dtype)
+    y, _ = torch.ops.progan_fast.conv2d_bias_lrelu(x, w, b, 0.1, **opts)
+    assert_layout(y, x, "y")
+    want = ca.reference(x.double().contiguous(), w.double(), b.double(), 0.1, **opts)
+    assert _rel_err(y, want) <= (1e-12 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
+@pytest.mark.parametrize("cfg", tca._ACT_BWD_CONFIGS_CL if _ALL_CONV_CONFIGS else [], ids=lambda c: str(c.kwargs))
+def test_every_backward_config_on_channels_last(cfg, gpu_launch_path):
+    gpu_launch_path(tca._act_bwd_tuned_cl, cfg)
+    cout = 2 * cfg.kwargs["BLOCK_C"] + 3  # several channel blocks and a partial one
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64).contiguous(memory_format=CL)  # partial BLOCK_P
+    w = torch.randn(cout, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=True)
+    x = x.requires_grad_()
+    xr, wr, br = (t.detach().contiguous().requires_grad_() for t in (x, w, bias))
+    opts = dict(activation=True, upsample=False, pixel_norm=True)
+    y = ca.conv2d_bias_lrelu(x, w, bias, 0.2, **opts, backend="triton")
+    yr = ca.reference(xr, wr, br, 0.2, **opts)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy.contiguous(memory_format=CL))
+    yr.backward(gy)
+    assert_layout(x.grad, x, "dx")
+    for got, want in ((x.grad, xr.grad), (w.grad, wr.grad), (bias.grad, br.grad)):
+        assert _rel_err(got, want) <= 1e-10

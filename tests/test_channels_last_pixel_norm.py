@@ -143,3 +143,37 @@ def emu():
 def test_cuda_kernels_emulated(emu, shape, channels_last, dtype):
     emu.configure(seed=3, max_grid_blocks=1)  # every grid-stride loop makes several passes
     emulated.run_pixel_norm(emu, shape, dtype, channels_last=channels_last)
+
+
+# ----- the Triton kernels' GPU configs in NHWC ------------------------------------------------------
+
+if "triton" in pn.IMPLEMENTATIONS and not torch.cuda.is_available():
+    from progan_fast.ops.triton import pixel_norm as tpn
+
+    _CL_CONFIGS = tpn._GPU_CONFIGS_CL
+else:
+    _CL_CONFIGS = []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
+@pytest.mark.parametrize("cfg", _CL_CONFIGS, ids=lambda c: f"{c.kwargs}-w{c.num_warps}")
+def test_every_gpu_config_on_channels_last(cfg, monkeypatch):
+    """The launcher's GPU path (the autotuned kernels) on CPU tensors, one config at a time, NHWC,
+    with several channel blocks and a partial pixel block."""
+    monkeypatch.setattr(tpn, "on_interpreter", lambda t: False)
+    for tuned in (tpn._pixel_norm_fwd_tuned_cl, tpn._pixel_norm_bwd_tuned_cl):
+        monkeypatch.setattr(tuned, "configs", [cfg])
+        monkeypatch.setattr(tuned, "cache", {})
+    c = 2 * cfg.kwargs["BLOCK_C"] + 3
+    p = cfg.kwargs["BLOCK_P"] + 7
+    x = torch.randn(2, c, 1, p, dtype=torch.float64).contiguous(memory_format=CL).requires_grad_()
+    y = pn.pixel_norm(x, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.detach().contiguous().requires_grad_()
+    yr = pn.reference(xr)
+    yr.backward(dy.contiguous())
+    assert_layout(y, x, "y")
+    assert_layout(x.grad, x, "dx")
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)

@@ -4,9 +4,11 @@ Forward (``_conv_fwd_kernel``): one kernel and one pass over memory, an implicit
 M = N*H*W output pixels, columns = Cout, K = k*k*Cin as one flat loop over (tap, Cin chunk))
 reading ``x`` directly and writing ``y`` in ``x``'s layout, NCHW or NHWC (channels-last), through
 the channel and pixel strides of their ``[N, C, P]`` views (the sample stride is ``C * P`` in both
-layouts). Triton specializes a stride of 1, so in NHWC each A tile ``[BLOCK_M, BLOCK_K]`` is loaded
-contiguous over input channels and each output tile is stored contiguous over Cout; in NCHW both
-are contiguous over pixels, as before. ``upsample`` is folded into the input
+layouts). The layout is a constexpr (``CHANNELS_LAST``) from which the kernel takes the strides, so
+the stride that is 1 is a compile-time constant: in NHWC each A tile ``[BLOCK_M, BLOCK_K]`` is
+loaded contiguous over input channels and each output tile is stored contiguous over Cout; in NCHW
+both are contiguous over pixels, and the NCHW compilation is the one from before channels-last
+(runtime stride arguments cost the fused pixel norm's widest fp32 tile a register spill on sm_90). ``upsample`` is folded into the input
 addressing (source pixel = output-space tap // 2, zero padding at the upsampled size): no
 upsampled tensor is ever written. The epilogue, in registers: ``* scale``, ``+ bias`` (None
 allowed), leaky-ReLU(0.2), and with ``pixel_norm`` (when one program's BLOCK_N = next_pow2(Cout)
@@ -50,14 +52,14 @@ if triton is not None:
     @triton.jit
     def _conv_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, scale,
-        M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo, stride_xc, stride_xp, stride_yc, stride_yp,
-        KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+        M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo,
+        CHANNELS_LAST: tl.constexpr, KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
         PIXEL_NORM: tl.constexpr, IEEE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
     ):
         """Implicit GEMM: rows = output pixels (n, oh, ow), columns = Cout, K = (tap, Cin). ``x`` and
         ``y`` are addressed through their (channel, pixel) strides: (H*W, 1) and (OH*OW, 1) in NCHW,
-        (1, Cin) and (1, Cout) in NHWC."""
+        (1, Cin) and (1, Cout) in NHWC (``CHANNELS_LAST``)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -68,6 +70,10 @@ if triton is not None:
         oh = p // OW
         ow = p % OW
         hw = H * W
+        if CHANNELS_LAST:
+            stride_xc, stride_xp, stride_yc, stride_yp = 1, Cin, 1, Cout
+        else:
+            stride_xc, stride_xp, stride_yc, stride_yp = hw, 1, ohw, 1
         x_base = n * Cin * hw  # int32 offsets: the wrapper checks every tensor has < 2**31 elements
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < Cout
@@ -196,15 +202,19 @@ if triton is not None:
     _ACT_BWD_CONFIGS = [
         triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in [(8, 4), (16, 4), (32, 4), (32, 8)]
     ]
-    _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM", "stride_xc", "stride_yc"]
+    _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM", "CHANNELS_LAST"]
     _conv_fwd_tuned = {kind: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for kind, cfgs in _CONV_CONFIGS.items()}
     _conv_fwd_pn_tuned = {k: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for k, cfgs in _CONV_PN_CONFIGS.items()}
-    _act_bwd_tuned = triton.autotune(_ACT_BWD_CONFIGS, key=["C", "P", "sc", "BLOCK_P", "ACTIVATION", "PIXEL_NORM"])(
-        _act_bwd_kernel)
+    # NHWC (channels contiguous): less (32, 4 warps), which spills on sm_90 with the channel stride 1.
+    _ACT_BWD_CONFIGS_CL = [c for c in _ACT_BWD_CONFIGS if (c.kwargs["BLOCK_C"], c.num_warps) != (32, 4)]
+    _ACT_BWD_CONFIGS_BY_LAYOUT = {False: _ACT_BWD_CONFIGS, True: _ACT_BWD_CONFIGS_CL}
+    _act_bwd_tuned, _act_bwd_tuned_cl = (
+        triton.autotune(_ACT_BWD_CONFIGS_BY_LAYOUT[cl], key=["C", "P", "BLOCK_P", "ACTIVATION", "PIXEL_NORM"])(
+            _act_bwd_kernel) for cl in (False, True))
 
-    # The activation layouts the AOT specs compile: the strides that are 1 there (constants, as the
-    # JIT specializes them) and a tag for the spec's name.
-    _LAYOUTS = (("", ("stride_xp", "stride_yp"), ("sp",)), ("-cl", ("stride_xc", "stride_yc"), ("sc",)))
+    # The activation layouts the AOT specs compile: a tag for the spec's name, the forward's
+    # CHANNELS_LAST, and the backward's stride that is 1 there (a constant, as the JIT specializes it).
+    _LAYOUTS = (("", False, ("sp",)), ("-cl", True, ("sc",)))
 
     def _aot_specs() -> list:
         """Every compilation the kernel-report test checks (fp32 and bf16 activations, and fp64 for
@@ -213,17 +223,15 @@ if triton is not None:
         unfused configs, the fused pixel norm at each bucket's widest BLOCK_N."""
         return [spec for layout in _LAYOUTS for spec in _aot_specs_for_layout(*layout)]
 
-    def _aot_specs_for_layout(cl_tag, unit_strides, unit_strides_bwd) -> list:
+    def _aot_specs_for_layout(cl_tag, channels_last, unit_strides_bwd) -> list:
         specs = []
-        ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo",
-                                   "stride_xc", "stride_xp", "stride_yc", "stride_yp") if k not in unit_strides}
-        units = {k: 1 for k in unit_strides}
+        ints = {k: "i32" for k in ("M", "Cin", "H", "W", "Cout", "OH", "OW", "stride_wt", "stride_wc", "stride_wo")}
         for dt, kind in (("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tensor_core"), ("fp64", "fp64")):
             acc, r_type = (tl.float64, "*fp64") if dt == "fp64" else (tl.float32, "*fp32")
             sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": r_type,
                    "scale": "fp32", **ints}
             flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc,
-                     "DOT_PRECISION": "tf32" if kind == "tf32" else "ieee", **units}
+                     "DOT_PRECISION": "tf32" if kind == "tf32" else "ieee", "CHANNELS_LAST": channels_last}
             tag = (f"{dt}-tf32" if kind == "tf32" else dt) + cl_tag
             for ksize, up in ((3, True), (1, False)):
                 for cfg in _CONV_CONFIGS[kind]:
@@ -241,7 +249,7 @@ if triton is not None:
                 continue
             bsig = {"dy_ptr": f"*{dt}", "y_ptr": f"*{dt}", "r_ptr": "*fp32", "g_ptr": f"*{dt}", "part_ptr": "*fp32",
                     "C": "i32", "P": "i32", **{k: "i32" for k in ("sn", "sc", "sp") if k not in unit_strides_bwd}}
-            for cfg in _ACT_BWD_CONFIGS:
+            for cfg in _ACT_BWD_CONFIGS_BY_LAYOUT[channels_last]:
                 specs.append(AotSpec(f"conv_act_bwd:{dt}{cl_tag}", _act_bwd_kernel, bsig,
                                      {"ACTIVATION": True, "PIXEL_NORM": True, "STORE_G": True, "BLOCK_P": 128,
                                       "ACC": tl.float32, **{k: 1 for k in unit_strides_bwd}, **cfg.kwargs},
@@ -290,11 +298,9 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     b = bias.contiguous() if bias is not None else wk  # dummy pointer, never read
     acc = compute_dtype(x)
     ieee = x.dtype in (torch.float32, torch.float64) or on_interpreter(x)  # interpreter: bf16 tl.dot is wrong
-    _, sxc, sxp = ncp_strides(cin, h * w, channels_last)
-    _, syc, syp = ncp_strides(cout, oh * ow, channels_last)
-    args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides, sxc, sxp, syc, syp)
+    args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides)
     kind = product_kind(x)
-    flags = dict(KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
+    flags = dict(CHANNELS_LAST=channels_last, KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
                  PIXEL_NORM=pixel_norm, IEEE=ieee, DOT_PRECISION="tf32" if kind == "tf32" else "ieee", ACC=acc)
     block_n_pn = max(16, triton.next_power_of_2(cout))
     if on_interpreter(x):
@@ -337,5 +343,5 @@ def activation_backward(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, ac
         if on_interpreter(y):
             _act_bwd_kernel[(n, num_pb)](*args, BLOCK_C=min(64, triton.next_power_of_2(cout)), **flags)
         else:
-            _act_bwd_tuned[(n, num_pb)](*args, **flags)
+            (_act_bwd_tuned_cl if channels_last else _act_bwd_tuned)[(n, num_pb)](*args, **flags)
     return g, part.sum(0)

@@ -75,27 +75,34 @@ if triton is not None:
         triton.Config({"BLOCK_C": bc, "BLOCK_P": bp}, num_warps=w)
         for bc, bp, w in [(16, 64, 2), (32, 64, 4), (16, 128, 4), (32, 128, 4), (8, 256, 4), (16, 256, 8)]
     ]
-    _pixel_norm_fwd_tuned = triton.autotune(_GPU_CONFIGS, key=["C", "P", "sp"])(_pixel_norm_fwd_kernel)
-    _pixel_norm_bwd_tuned = triton.autotune(_GPU_CONFIGS, key=["C", "P", "sp"])(_pixel_norm_bwd_kernel)
+    # NHWC (channels contiguous): the same tiles less (32, 128, 4 warps), whose backward spills on
+    # sm_90 in bf16 (8 bytes) with the channel stride 1.
+    _GPU_CONFIGS_CL = [c for c in _GPU_CONFIGS if (c.kwargs["BLOCK_C"], c.kwargs["BLOCK_P"], c.num_warps) != (32, 128, 4)]
+    _CONFIGS = {False: _GPU_CONFIGS, True: _GPU_CONFIGS_CL}
+    _pixel_norm_fwd_tuned, _pixel_norm_fwd_tuned_cl = (
+        triton.autotune(_CONFIGS[cl], key=["C", "P"])(_pixel_norm_fwd_kernel) for cl in (False, True))
+    _pixel_norm_bwd_tuned, _pixel_norm_bwd_tuned_cl = (
+        triton.autotune(_CONFIGS[cl], key=["C", "P"])(_pixel_norm_bwd_kernel) for cl in (False, True))
 
     #: Every compilation the kernel-report test checks for registers and spills on sm_80 / sm_90:
-    #: each config in both layouts, with the stride that is 1 there a constant, as the JIT
+    #: each config of each layout, with the stride that is 1 there a constant, as the JIT
     #: specializes it (NCHW: sp; NHWC "-cl": sc).
     AOT_SPECS = []
-    for _tag, _unit in (("", "sp"), ("-cl", "sc")):
+    for _tag, _unit, _cl in (("", "sp", False), ("-cl", "sc", True)):
         _SIG = {"C": "i32", "P": "i32", **{s: "i32" for s in ("sn", "sc", "sp") if s != _unit}, "eps": "fp32"}
         AOT_SPECS += aot_specs_for_configs(
-            f"pixel_norm_fwd{_tag}", _pixel_norm_fwd_kernel, {"x_ptr": "*T", "y_ptr": "*T", **_SIG}, _GPU_CONFIGS,
+            f"pixel_norm_fwd{_tag}", _pixel_norm_fwd_kernel, {"x_ptr": "*T", "y_ptr": "*T", **_SIG}, _CONFIGS[_cl],
             {_unit: 1},
         ) + aot_specs_for_configs(
             f"pixel_norm_bwd{_tag}", _pixel_norm_bwd_kernel, {"dy_ptr": "*T", "x_ptr": "*T", "dx_ptr": "*T", **_SIG},
-            _GPU_CONFIGS, {_unit: 1},
+            _CONFIGS[_cl], {_unit: 1},
         )
 else:
     AOT_SPECS = []
 
 
 def _launch(kernel, tuned, tensors, c: int, p: int, n: int, strides, eps: float, acc_like: torch.Tensor) -> None:
+    """Runs ``kernel`` under the interpreter (fixed blocks), else its autotuned version ``tuned``."""
     acc = compute_dtype(acc_like)
     if on_interpreter(acc_like):
         block_c = min(64, triton.next_power_of_2(c))
@@ -115,8 +122,8 @@ def pixel_norm_forward(x: torch.Tensor, y: torch.Tensor, eps: float, channels_la
     """``y = x * rsqrt(mean_c(x^2) + eps)``: non-empty tensors of the same shape, both dense NCHW
     (contiguous) or both dense NHWC (``channels_last``)."""
     n, c, p = _sizes(x)
-    _launch(_pixel_norm_fwd_kernel, _pixel_norm_fwd_tuned, (x, y), c, p, n, ncp_strides(c, p, channels_last), eps,
-            x)
+    tuned = _pixel_norm_fwd_tuned_cl if channels_last else _pixel_norm_fwd_tuned
+    _launch(_pixel_norm_fwd_kernel, tuned, (x, y), c, p, n, ncp_strides(c, p, channels_last), eps, x)
 
 
 def pixel_norm_backward(grad: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, eps: float,
@@ -124,5 +131,5 @@ def pixel_norm_backward(grad: torch.Tensor, x: torch.Tensor, dx: torch.Tensor, e
     """``dx``: pixel norm's input gradient for the output gradient ``grad`` (non-empty, all three
     in one dense layout, as in :func:`pixel_norm_forward`)."""
     n, c, p = _sizes(x)
-    _launch(_pixel_norm_bwd_kernel, _pixel_norm_bwd_tuned, (grad, x, dx), c, p, n, ncp_strides(c, p, channels_last),
-            eps, x)
+    tuned = _pixel_norm_bwd_tuned_cl if channels_last else _pixel_norm_bwd_tuned
+    _launch(_pixel_norm_bwd_kernel, tuned, (grad, x, dx), c, p, n, ncp_strides(c, p, channels_last), eps, x)
