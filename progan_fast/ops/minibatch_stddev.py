@@ -29,8 +29,9 @@ layouts) -- so in NHWC the feature reduction reads contiguous channels; feature 
 a sample lands at ``k + p`` in its output row (``k`` in NCHW), the statistic at ``p * (C + 1) + C``
 (``C * P + p`` in NCHW). The backward reads the output gradient through the same offsets and writes
 ``dx`` in ``x``'s layout; a gradient in the other layout is brought to ``x``'s first (a copy of the
-gradient, not of an activation the op saved). The eager reference keeps the layout too: its stat
-channel is built with channels-last strides so that ``torch.cat`` returns channels-last.
+gradient, not of an activation the op saved). The eager reference keeps the layout too: for NHWC
+``x`` it concatenates the NHWC views along their last dimension (a plain ``torch.cat`` along C
+would return NCHW, since the stat channel's strides do not suggest channels-last).
 
 Autograd: the op sits inside the WGAN-GP gradient penalty, so the backward op has its own
 autograd: its derivative (the second derivative of the layer) comes from differentiating the
@@ -71,9 +72,10 @@ def reference(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.
     y = y.mean(dim=(1, 2, 3))                    # [M] averaged over features and pixels
     y = y.to(x.dtype).reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)
     if is_channels_last(x):
-        # torch.cat returns channels-last only when every input suggests it, and a contiguous
-        # [N, 1, H, W] suggests NCHW: give the stat channel channels-last strides (a view).
-        y = y.reshape(n, h, w, 1).permute(0, 3, 1, 2)
+        # torch.cat([x, y], 1) returns channels-last only when y's strides suggest it too, which an
+        # [N, 1, H, W] (ambiguous, or expanded) need not: concatenate the NHWC views along their last
+        # dimension instead, a dense [N, H, W, C + 1], seen as NCHW-shaped channels-last.
+        return torch.cat([x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
     return torch.cat([x, y], dim=1)
 
 
