@@ -299,3 +299,15 @@ def test_copy_detector_sees_copies(backend):
                               shapes) == []  # still NHWC: no copy
     assert _activation_copies(lambda: k.minibatch_stddev(x.permute(0, 1, 3, 2), 2, EPS), [(4, 3, 7, 5)])
     assert _activation_copies(lambda: k.minibatch_stddev_backward(grad, x, 2, EPS), shapes)
+
+
+def test_cuda_launchers_refuse_nhwc_samples_of_2_pow_32_features(cuda_emulated):
+    """The NHWC kernels divide feature indices in 32 bits: a larger sample is an error, not garbage
+    (checked before any memory is touched, so no buffers are needed)."""
+    emu, module = cuda_emulated
+    emu.configure(seed=1)
+    code, f = emu.dtype_code(torch.float32), 2**32
+    for launcher, args in [("minibatch_stddev_forward", (None, None, None)),
+                           ("minibatch_stddev_backward", (None, None, None, None))]:
+        with pytest.raises(module.EmulatedKernelError):
+            emu.call(launcher, code, *args, 1, 1, f, 1, EPS, True)

@@ -83,6 +83,9 @@ Tensor minibatch_stddev_cuda(const Tensor& x_, int64_t group_size, double eps) {
   Tensor out = at::empty({n, c + 1, h, w}, x.options(), glue::memory_format(channels_last));
   if (out.numel() == 0) return out;
   if (c * h * w == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
+  TORCH_CHECK(!channels_last || c * h * w <= int64_t(UINT32_MAX),
+              "progan_fast_native::minibatch_stddev: a channels-last sample of ", c * h * w,
+              " features is too large for the CUDA kernels (at most 2^32 - 1); pass it contiguous");
   const int64_t g = effective_group_size(n, group_size), m = n / g;
   Tensor part = at::empty({k::minibatch_stddev_part_count(m, c * h * w)}, x.options().dtype(acc_type(x)));
   C10_CUDA_CHECK(k::minibatch_stddev_forward(dtype_of("minibatch_stddev", x), x.const_data_ptr(),
@@ -106,6 +109,9 @@ Tensor minibatch_stddev_backward_cuda(const Tensor& grad_, const Tensor& x_, int
   const Tensor grad = glue::to_layout(grad_, channels_last);
   Tensor dx = at::empty_like(x, glue::memory_format(channels_last));
   if (dx.numel() == 0) return dx;
+  TORCH_CHECK(!channels_last || c * h * w <= int64_t(UINT32_MAX),
+              "progan_fast_native::minibatch_stddev_backward: a channels-last sample of ", c * h * w,
+              " features is too large for the CUDA kernels (at most 2^32 - 1); pass it contiguous");
   const int64_t g = effective_group_size(n, group_size), m = n / g;
   Tensor gs = at::empty({m}, x.options().dtype(acc_type(x)));
   C10_CUDA_CHECK(k::minibatch_stddev_backward(dtype_of("minibatch_stddev_backward", x), grad.const_data_ptr(),

@@ -13,7 +13,9 @@
 // NHWC), so neighbouring threads read neighbouring addresses of x in both layouts (over channels in
 // NHWC) and the statistic is the same sum in another order. In a sample's output row (F + P values)
 // feature k sits at k (NCHW) or k + k / C (NHWC: each pixel's C values, then its stat value); pixel
-// q's stat value at F + q (NCHW) or q * (C + 1) + C (NHWC). See out_feature / out_stat.
+// q's stat value at F + q (NCHW) or q * (C + 1) + C (NHWC). See out_feature / out_stat. The NHWC
+// division k / C is done in 32 bits (64-bit division is a slow-path call that made the backward
+// spill): the launchers refuse NHWC samples of 2^32 features or more.
 #include "common.cuh"
 
 namespace progan::cuda {
@@ -21,9 +23,9 @@ namespace {
 constexpr int kPart = 256;  // features per forward block (and partial slot)
 constexpr int kThreads = 256;
 
-// Offset in a sample's output row of memory-order input feature k (c = F / P channels).
+// Offset in a sample's output row of memory-order input feature k (c channels; k < 2^32 in NHWC).
 __device__ __forceinline__ int64_t out_feature(int64_t k, int64_t c, bool channels_last) {
-  return channels_last ? k + k / c : k;
+  return channels_last ? k + static_cast<int64_t>(static_cast<uint32_t>(k) / static_cast<uint32_t>(c)) : k;
 }
 // Offset in a sample's output row of pixel q's stat value.
 __device__ __forceinline__ int64_t out_stat(int64_t q, int64_t f, int64_t c, bool channels_last) {
@@ -33,7 +35,7 @@ __device__ __forceinline__ int64_t out_stat(int64_t q, int64_t f, int64_t c, boo
 template <typename T>
 __global__ void __launch_bounds__(kPart) mbstd_fwd_kernel(const T* __restrict__ x, T* __restrict__ out,
                                                           acc_t<T>* __restrict__ part, int64_t group, int64_t m,
-                                                          int64_t f, int64_t p, acc_t<T> eps,
+                                                          int64_t f, int64_t p, int64_t c, acc_t<T> eps,
                                                           bool channels_last) {
   using A = acc_t<T>;
   __shared__ A scratch[32];
@@ -42,7 +44,7 @@ __global__ void __launch_bounds__(kPart) mbstd_fwd_kernel(const T* __restrict__ 
   const A inv_g = A(1) / A(group);
   A sd = A(0);
   if (feat < f) {
-    const int64_t fo = out_feature(feat, f / p, channels_last);
+    const int64_t fo = out_feature(feat, c, channels_last);
     A sum = A(0);
     for (int64_t gi = 0; gi < group; ++gi) {
       const int64_t i = gi * m + mi;
@@ -65,7 +67,7 @@ __global__ void __launch_bounds__(kPart) mbstd_fwd_kernel(const T* __restrict__ 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) mbstd_stat_kernel(const acc_t<T>* __restrict__ part, T* __restrict__ out,
                                                               int64_t group, int64_t m, int64_t f, int64_t p,
-                                                              int64_t nb, bool channels_last) {
+                                                              int64_t c, int64_t nb, bool channels_last) {
   using A = acc_t<T>;
   __shared__ A scratch[32];
   __shared__ A value;
@@ -76,7 +78,6 @@ __global__ void __launch_bounds__(kThreads) mbstd_stat_kernel(const acc_t<T>* __
   if (threadIdx.x == 0) value = acc / A(f);
   __syncthreads();
   const T v = from_acc<T>(value);
-  const int64_t c = f / p;
   for (int64_t gi = 0; gi < group; ++gi) {
     T* dst = out + (gi * m + mi) * (f + p);
     for (int64_t j = threadIdx.x; j < p; j += kThreads) dst[out_stat(j, f, c, channels_last)] = v;
@@ -86,11 +87,10 @@ __global__ void __launch_bounds__(kThreads) mbstd_stat_kernel(const acc_t<T>* __
 template <typename T>
 __global__ void __launch_bounds__(kThreads) mbstd_gsum_kernel(const T* __restrict__ grad, acc_t<T>* __restrict__ gs,
                                                               int64_t group, int64_t m, int64_t f, int64_t p,
-                                                              bool channels_last) {
+                                                              int64_t c, bool channels_last) {
   using A = acc_t<T>;
   __shared__ A scratch[32];
   const int64_t mi = blockIdx.x;
-  const int64_t c = f / p;
   A acc = A(0);
   for (int64_t gi = 0; gi < group; ++gi) {
     const T* src = grad + (gi * m + mi) * (f + p);
@@ -104,11 +104,10 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) mbstd_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ x,
                                                              const acc_t<T>* __restrict__ gs, T* __restrict__ dx,
                                                              int64_t group, int64_t m, int64_t f, int64_t p,
-                                                             acc_t<T> eps, bool channels_last) {
+                                                             int64_t c, acc_t<T> eps, bool channels_last) {
   using A = acc_t<T>;
   const A inv_g = A(1) / A(group);
   const A inv_gf = inv_g / A(f);
-  const int64_t c = f / p;
   // One thread per (group, feature): it owns that feature's G members.
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < m * f; u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t mi = u / f, feat = u % f;
@@ -134,27 +133,30 @@ int64_t minibatch_stddev_part_count(int64_t m, int64_t f) { return m * ceil_div(
 
 cudaError_t minibatch_stddev_forward(DType dt, const void* x, void* out, void* part, int64_t group, int64_t m,
                                      int64_t f, int64_t p, double eps, bool channels_last, cudaStream_t stream) {
-  const int64_t nb = ceil_div(f, kPart);
+  const int64_t nb = ceil_div(f, kPart), c = p > 0 ? f / p : 0;
+  if (channels_last && f > int64_t(UINT32_MAX)) return cudaErrorInvalidValue;
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     using A = acc_t<scalar_t>;
     mbstd_fwd_kernel<scalar_t><<<dim3(static_cast<unsigned>(m), static_cast<unsigned>(nb)), kPart, 0, stream>>>(
-        static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), static_cast<A*>(part), group, m, f, p, A(eps),
+        static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), static_cast<A*>(part), group, m, f, p, c, A(eps),
         channels_last);
     mbstd_stat_kernel<scalar_t><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(
-        static_cast<const A*>(part), static_cast<scalar_t*>(out), group, m, f, p, nb, channels_last);
+        static_cast<const A*>(part), static_cast<scalar_t*>(out), group, m, f, p, c, nb, channels_last);
   });
 }
 
 cudaError_t minibatch_stddev_backward(DType dt, const void* grad, const void* x, void* gs, void* dx, int64_t group,
                                       int64_t m, int64_t f, int64_t p, double eps, bool channels_last,
                                       cudaStream_t stream) {
+  const int64_t c = p > 0 ? f / p : 0;
+  if (channels_last && f > int64_t(UINT32_MAX)) return cudaErrorInvalidValue;
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     using A = acc_t<scalar_t>;
     mbstd_gsum_kernel<scalar_t><<<static_cast<unsigned>(m), kThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(grad), static_cast<A*>(gs), group, m, f, p, channels_last);
+        static_cast<const scalar_t*>(grad), static_cast<A*>(gs), group, m, f, p, c, channels_last);
     mbstd_bwd_kernel<scalar_t><<<grid_for(m * f, kThreads), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(grad), static_cast<const scalar_t*>(x), static_cast<const A*>(gs),
-        static_cast<scalar_t*>(dx), group, m, f, p, A(eps), channels_last);
+        static_cast<scalar_t*>(dx), group, m, f, p, c, A(eps), channels_last);
   });
 }
 
