@@ -39,7 +39,8 @@ CL = torch.channels_last
 BACKENDS = [
     pytest.param("reference", id="reference"),
     pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        not triton_backend.available(), reason=triton_backend.why_unavailable() if triton_backend.triton else "no triton")),
+        not triton_backend.available(),
+        reason=triton_backend.why_unavailable() if triton_backend.triton else "no triton")),
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not _native.available(), reason=_native.why_unavailable())),
 ]
 IMPLS = {"reference": mb.reference, "triton": mb.triton_impl, "cpu": getattr(mb, "native_impl", None)}
@@ -140,7 +141,8 @@ def _ops(backend):
 # ----- the CUDA kernels, through the emulator -----------------------------------------------------
 
 def _load_cuda_emulated_tests():
-    spec = importlib.util.spec_from_file_location("_progan_cuda_emulated_tests", ROOT / "tests" / "test_cuda_emulated.py")
+    spec = importlib.util.spec_from_file_location("_progan_cuda_emulated_tests",
+                                                  ROOT / "tests" / "test_cuda_emulated.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
