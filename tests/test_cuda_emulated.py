@@ -204,8 +204,16 @@ def run_downsample2x(emu, shape, dtype, placement="end"):
     check(dx.read(), want, dtype, "downsample2x backward")
 
 
-def run_minibatch_stddev(emu, shape, group, dtype, placement="end"):
+def run_minibatch_stddev(emu, shape, group, dtype, placement="end", channels_last=False):
+    """With ``channels_last`` the buffers hold NHWC memory (x, dx [N, H, W, C]; out, grad [N, H, W, C + 1])."""
     mbstd = importlib.import_module("progan_fast.ops.minibatch_stddev")
+
+    def memory(t):  # an [N, C, H, W] tensor as the flat buffer holds it
+        return t.permute(0, 2, 3, 1).contiguous() if channels_last else t
+
+    def logical(buf):  # the buffer read back as [N, C, H, W]
+        t = buf.read()
+        return t.permute(0, 3, 1, 2) if channels_last else t
 
     n, c, h, w = shape
     p, f = h * w, c * h * w
@@ -213,19 +221,20 @@ def run_minibatch_stddev(emu, shape, group, dtype, placement="end"):
     m = n // g
     code, acc = emu.dtype_code(dtype), emulator.ACC_DTYPES[dtype]
     x = inputs(shape, dtype, 14)
-    out = emu.output((n, c + 1, h, w), dtype, "out", placement)
+    out = emu.output(memory(torch.empty(n, c + 1, h, w)).shape, dtype, "out", placement)
     part = emu.output((emu.value("minibatch_stddev_part_count", m, f),), acc, "part", placement)
-    xb = emu.buffer(x, "x", placement)
-    emu.call("minibatch_stddev_forward", code, xb, out, part, g, m, f, p, EPS)
+    xb = emu.buffer(memory(x), "x", placement)
+    emu.call("minibatch_stddev_forward", code, xb, out, part, g, m, f, p, EPS, channels_last)
     x64 = x.double().requires_grad_()
     ref = mbstd.reference(x64, group, EPS)
-    check(out.read(), ref, dtype, "minibatch_stddev forward")
+    check(logical(out), ref, dtype, "minibatch_stddev forward")
     grad = inputs((n, c + 1, h, w), dtype, 15)
     gs = emu.output((m,), acc, "gs", placement)
-    dx = emu.output(shape, dtype, "dx", placement)
-    emu.call("minibatch_stddev_backward", code, emu.buffer(grad, "grad", placement), xb, gs, dx, g, m, f, p, EPS)
+    dx = emu.output(memory(x).shape, dtype, "dx", placement)
+    emu.call("minibatch_stddev_backward", code, emu.buffer(memory(grad), "grad", placement), xb, gs, dx, g, m, f, p,
+             EPS, channels_last)
     (want,) = torch.autograd.grad(ref, x64, grad.double())
-    check(dx.read(), want, dtype, "minibatch_stddev backward")
+    check(logical(dx), want, dtype, "minibatch_stddev backward")
 
 
 # ----- the kernels ----------------------------------------------------------------------------------

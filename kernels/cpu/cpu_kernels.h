@@ -62,12 +62,15 @@ void downsample2x_forward(const T* x, T* y, int64_t planes, int64_t h, int64_t w
 template <typename T>
 void downsample2x_backward(const T* grad, T* dx, int64_t planes, int64_t h, int64_t w);
 
-// minibatch_stddev with G groups members i = g * M + m (official grouping), F = C * P features.
+// minibatch_stddev with G groups members i = g * M + m (official grouping), F = C * P features. x, dx,
+// out and grad all dense NCHW, or all dense NHWC (channels_last: each pixel's C + 1 output values
+// contiguous, the stat value last); x is read in memory order, contiguous channels in NHWC.
 template <typename T>
-void minibatch_stddev_forward(const T* x, T* out, int64_t group, int64_t m, int64_t f, int64_t p, double eps);
+void minibatch_stddev_forward(const T* x, T* out, int64_t group, int64_t m, int64_t f, int64_t p, double eps,
+                              bool channels_last);
 template <typename T>
 void minibatch_stddev_backward(const T* grad, const T* x, T* dx, int64_t group, int64_t m, int64_t f, int64_t p,
-                               double eps);
+                               double eps, bool channels_last);
 
 }  // namespace progan::cpu
 

@@ -63,10 +63,13 @@ PROGAN_EMU_API int64_t progan_emu_minibatch_stddev_part_count(int64_t m, int64_t
   return progan::cuda::minibatch_stddev_part_count(m, f);
 }
 PROGAN_EMU_API int progan_emu_minibatch_stddev_forward(int dt, const void* x, void* out, void* part, int64_t group,
-                                                       int64_t m, int64_t f, int64_t p, double eps) {
-  return progan::cuda::minibatch_stddev_forward(DType(dt), x, out, part, group, m, f, p, eps, nullptr);
+                                                       int64_t m, int64_t f, int64_t p, double eps,
+                                                       bool channels_last) {
+  return progan::cuda::minibatch_stddev_forward(DType(dt), x, out, part, group, m, f, p, eps, channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_minibatch_stddev_backward(int dt, const void* grad, const void* x, void* gs, void* dx,
-                                                        int64_t group, int64_t m, int64_t f, int64_t p, double eps) {
-  return progan::cuda::minibatch_stddev_backward(DType(dt), grad, x, gs, dx, group, m, f, p, eps, nullptr);
+                                                        int64_t group, int64_t m, int64_t f, int64_t p, double eps,
+                                                        bool channels_last) {
+  return progan::cuda::minibatch_stddev_backward(DType(dt), grad, x, gs, dx, group, m, f, p, eps, channels_last,
+                                                 nullptr);
 }

@@ -57,11 +57,14 @@ cudaError_t downsample2x_backward(DType dt, const void* grad, void* dx, int64_t 
                                   cudaStream_t stream);
 
 // minibatch_stddev: group members are samples g * M + m; F = C * P features. `part` is scratch of
-// minibatch_stddev_part_count(m, f) accumulation-type values, `gs` of m values.
+// minibatch_stddev_part_count(m, f) accumulation-type values, `gs` of m values. x, dx, out and grad
+// all dense NCHW or all dense NHWC (channels_last: the stat value interleaved after each pixel's C;
+// cudaErrorInvalidValue for an NHWC sample of 2^32 features or more).
 int64_t minibatch_stddev_part_count(int64_t m, int64_t f);
 cudaError_t minibatch_stddev_forward(DType dt, const void* x, void* out, void* part, int64_t group, int64_t m,
-                                     int64_t f, int64_t p, double eps, cudaStream_t stream);
+                                     int64_t f, int64_t p, double eps, bool channels_last, cudaStream_t stream);
 cudaError_t minibatch_stddev_backward(DType dt, const void* grad, const void* x, void* gs, void* dx, int64_t group,
-                                      int64_t m, int64_t f, int64_t p, double eps, cudaStream_t stream);
+                                      int64_t m, int64_t f, int64_t p, double eps, bool channels_last,
+                                      cudaStream_t stream);
 
 }  // namespace progan::cuda
