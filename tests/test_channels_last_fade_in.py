@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cl_resample_helpers import (EMU_DTYPES, TOL, activation_copies, assert_in_layout_of, assert_layout, backends,
-                                 configure, emu_buffer, emu_check, emu_output, emu_read, layout_id, load_emulator,
-                                 randn)
+                                 configure, emu_buffer, emu_check, emu_output, emu_read, emulator, layout_id,
+                                 load_emulator, randn)
 
 from progan_fast.ops import _native
 from progan_fast.ops import triton as triton_backend
@@ -227,3 +227,20 @@ def test_cuda_kernels_on_nhwc_through_the_emulator(emu, request, shape, cap, dty
     t = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
     for kernel in ("fade_in_fwd_kernel", "fade_in_bwd_kernel", "fade_reals_kernel"):
         assert f"{kernel}<{t[dtype]}, 1>" in launched, sorted(launched)
+
+
+def test_cuda_nhwc_launchers_refuse_a_row_past_32_bit_arithmetic(emu, request):
+    # The NHWC kernels index within a low-resolution row (C * W elements) in 32 bits; a longer row is
+    # refused before any launch (so the tiny buffers here are never read).
+    configure(emu, request.node.name, None)
+    code = emu.dtype_code(torch.float32)
+    t = randn((1, 1, 2, 2), torch.float32)
+    a = emu.scalar(0.5, torch.float32)
+    c, wl = 65536, 65537
+    for launcher, args in [("fade_in_forward", (emu.buffer(t, "low"), emu.buffer(t, "high"), a, emu.buffer(t, "o"))),
+                           ("fade_in_backward", (emu.buffer(t, "g"), a, emu.buffer(t, "dl"), emu.buffer(t, "dh"))),
+                           ("fade_reals", (emu.buffer(t, "x"), a, emu.buffer(t, "o")))]:
+        with pytest.raises(emulator.EmulatedKernelError) as info:
+            emu.call(launcher, code, *args, 1, c, 1, wl, True)
+        # cudaErrorInvalidValue from the launcher itself: no kernel ran, so the emulator reported nothing
+        assert info.value.code == 1 and info.value.report == "(no report)", info.value

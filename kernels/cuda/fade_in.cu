@@ -16,15 +16,24 @@ namespace {
 constexpr int kThreads = 256;
 
 // The offset of the top-left full-resolution element of low-resolution element i's 2x2 block (w =
-// the full-resolution width, c = the channel count, used only in NHWC).
+// the full-resolution width, c = the channel count, used only in NHWC). NHWC takes one 64-bit
+// division, as NCHW does (a 64-bit division is a subroutine call, and a second one made the double
+// kernel spill): the low-resolution row r, then the column and channel within the row (fewer than
+// 2^32 elements: the launchers check) in 32 bits.
 template <int CL>
 __device__ __forceinline__ int64_t pixel_offset(int64_t i, int64_t wl, int64_t w, int64_t c) {
   if (CL) {
-    const int64_t q = i / c;
-    return ((q / wl) * 2 * w + (q % wl) * 2) * c + (i - q * c);
+    const int64_t row_len = wl * c;
+    const int64_t r = i / row_len;
+    const uint32_t in_row = uint32_t(i - r * row_len), cc = uint32_t(c);
+    const uint32_t col = in_row / cc;
+    return (r * 2 * w + int64_t(col) * 2) * c + int64_t(in_row - col * cc);
   }
   return (i / wl) * 2 * w + (i % wl) * 2;
 }
+
+// The NHWC kernels' 32-bit arithmetic within a low-resolution row holds.
+bool row_fits_32_bits(int64_t c, int64_t wl) { return c * wl <= int64_t(UINT32_MAX); }
 
 template <typename T, int CL>
 __global__ void __launch_bounds__(kThreads) fade_in_fwd_kernel(const T* __restrict__ low, const T* __restrict__ high,
@@ -92,6 +101,7 @@ __global__ void __launch_bounds__(kThreads) fade_reals_kernel(const T* __restric
 cudaError_t fade_in_forward(DType dt, const void* low, const void* high, const void* alpha, void* out, int64_t n,
                             int64_t c, int64_t hl, int64_t wl, bool channels_last, cudaStream_t stream) {
   const int64_t n_low = n * c * hl * wl;
+  if (channels_last && !row_fits_32_bits(c, wl)) return cudaErrorInvalidValue;
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     const auto* lo = static_cast<const scalar_t*>(low);
     const auto* hi = static_cast<const scalar_t*>(high);
@@ -108,6 +118,7 @@ cudaError_t fade_in_forward(DType dt, const void* low, const void* high, const v
 cudaError_t fade_in_backward(DType dt, const void* grad, const void* alpha, void* d_low, void* d_high, int64_t n,
                              int64_t c, int64_t hl, int64_t wl, bool channels_last, cudaStream_t stream) {
   const int64_t n_low = n * c * hl * wl;
+  if (channels_last && !row_fits_32_bits(c, wl)) return cudaErrorInvalidValue;
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     const auto* g = static_cast<const scalar_t*>(grad);
     const auto* al = static_cast<const acc_t<scalar_t>*>(alpha);
@@ -124,6 +135,7 @@ cudaError_t fade_in_backward(DType dt, const void* grad, const void* alpha, void
 cudaError_t fade_reals(DType dt, const void* x, const void* alpha, void* out, int64_t n, int64_t c, int64_t hl,
                        int64_t wl, bool channels_last, cudaStream_t stream) {
   const int64_t n_low = n * c * hl * wl;
+  if (channels_last && !row_fits_32_bits(c, wl)) return cudaErrorInvalidValue;
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     const auto* xs = static_cast<const scalar_t*>(x);
     const auto* al = static_cast<const acc_t<scalar_t>*>(alpha);
