@@ -149,25 +149,25 @@ def run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, with_bias=True,
 def run_fade_in(emu, shape, dtype, placement="end"):
     n, c, h, w = shape  # the low-resolution shape
     code, acc = emu.dtype_code(dtype), emulator.ACC_DTYPES[dtype]
-    rows, alpha = n * c * h, 0.3
+    alpha = 0.3
     low, high = inputs(shape, dtype, 6), inputs((n, c, 2 * h, 2 * w), dtype, 7)
     grad = inputs((n, c, 2 * h, 2 * w), dtype, 8)
     a = emu.scalar(alpha, dtype)
     out = emu.output(high.shape, dtype, "out", placement)
     emu.call("fade_in_forward", code, emu.buffer(low, "low", placement), emu.buffer(high, "high", placement), a, out,
-             rows, w)
+             n, c, h, w, False)
     low64, high64 = low.double().requires_grad_(), high.double().requires_grad_()
     ref = torch.lerp(low64.repeat_interleave(2, 2).repeat_interleave(2, 3), high64, alpha)
     check(out.read(), ref, dtype, "fade_in forward")
     d_low = emu.output(shape, dtype, "d_low", placement)
     d_high = emu.output(high.shape, dtype, "d_high", placement)
-    emu.call("fade_in_backward", code, emu.buffer(grad, "grad", placement), a, d_low, d_high, rows, w)
+    emu.call("fade_in_backward", code, emu.buffer(grad, "grad", placement), a, d_low, d_high, n, c, h, w, False)
     want_low, want_high = torch.autograd.grad(ref, (low64, high64), grad.double())
     check(d_low.read(), want_low, dtype, "fade_in backward (low)")
     check(d_high.read(), want_high, dtype, "fade_in backward (high)")
     # fade_reals: lerp(up(down(x)), x, alpha) on a full-resolution x.
     faded = emu.output(high.shape, dtype, "out", placement)
-    emu.call("fade_reals", code, emu.buffer(high, "x", placement), a, faded, rows, w)
+    emu.call("fade_reals", code, emu.buffer(high, "x", placement), a, faded, n, c, h, w, False)
     x64 = high.double()
     check(faded.read(), torch.lerp(F.avg_pool2d(x64, 2).repeat_interleave(2, 2).repeat_interleave(2, 3), x64, alpha),
           dtype, "fade_reals")
@@ -193,13 +193,13 @@ def run_downsample2x(emu, shape, dtype, placement="end"):
     code = emu.dtype_code(dtype)
     x = inputs(shape, dtype, 12)
     y = emu.output((n, c, h // 2, w // 2), dtype, "y", placement)
-    emu.call("downsample2x_forward", code, emu.buffer(x, "x", placement), y, n * c, h, w)
+    emu.call("downsample2x_forward", code, emu.buffer(x, "x", placement), y, n, c, h, w, False)
     x64 = x.double().requires_grad_()
     ref = F.avg_pool2d(x64, 2)
     check(y.read(), ref, dtype, "downsample2x forward")
     grad = inputs(ref.shape, dtype, 13)
     dx = emu.output(shape, dtype, "dx", placement)
-    emu.call("downsample2x_backward", code, emu.buffer(grad, "grad", placement), dx, n * c, h, w)
+    emu.call("downsample2x_backward", code, emu.buffer(grad, "grad", placement), dx, n, c, h, w, False)
     (want,) = torch.autograd.grad(ref, x64, grad.double())
     check(dx.read(), want, dtype, "downsample2x backward")
 
