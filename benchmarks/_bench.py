@@ -3,7 +3,7 @@
 Every ``test_bench_<op>.py`` parametrizes over :func:`backend_params` (every backend of the op's
 table, plus ``compile`` = ``torch.compile`` of the eager reference), the ProGAN stages of
 :data:`RESOLUTIONS`, :data:`DTYPES` and :data:`MODES`, and hands one case to :func:`run_case`.
-The group of a case is ``"{op} {res}px {dtype} {mode}"`` so that ``--benchmark-group-by=group``
+The group of a case is ``"{op} {res}px {dtype} {layout} {mode}"`` (:data:`LAYOUTS`) so that ``--benchmark-group-by=group``
 puts the backends of one case side by side.
 
 Shapes are the paper's (batch from ``PAPER_BATCH``, channels from ``NetworkConfig(max_res=1024)``)
@@ -47,6 +47,9 @@ TARGET_SECONDS = float(os.environ.get("PROGAN_BENCH_TARGET_S", "0.25"))
 MIN_ROUNDS = 5
 MAX_ROUNDS = 2000
 MODES = ("fwd", "fwd+bwd")
+#: Activation memory layouts: NCHW, and NHWC (``torch.channels_last``, what train's
+#: ``--channels-last`` runs); every op keeps its input's layout.
+LAYOUTS = ("nchw", "nhwc")
 
 #: CPUs with native bf16 arithmetic; elsewhere bf16 convolutions are emulated and very slow.
 CPU_HAS_BF16 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX2")
@@ -119,6 +122,14 @@ def dtype_params(elementwise: bool = True) -> list:
     return params
 
 
+def activation(*shape: int, layout: str, dtype: torch.dtype, grad: bool) -> torch.Tensor:
+    """A random activation of ``shape`` on the benchmark device, in ``layout`` (:data:`LAYOUTS`)."""
+    x = torch.randn(*shape, device=DEVICE, dtype=dtype)
+    if layout == "nhwc":
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_(grad)
+
+
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
@@ -181,6 +192,7 @@ def run_case(
     fn: Callable,
     inputs: Sequence[torch.Tensor],
     grad_inputs: Sequence[torch.Tensor] = (),
+    layout: str = "nchw",
 ) -> None:
     """Time ``fn(*inputs)`` (``mode="fwd"``) or its forward + backward wrt ``grad_inputs``
     (``mode="fwd+bwd"``; those tensors must require grad, and be among ``inputs``).
@@ -188,8 +200,8 @@ def run_case(
     ``extra_info["bytes"]`` is the least the op must move: every input read once and every output
     written once; fwd+bwd adds the output gradient read and the input gradients written.
     """
-    benchmark.group = f"{op} {res}px {DTYPE_NAMES[dtype]} {mode}"
-    benchmark.extra_info.update(op=op, res=res, dtype=DTYPE_NAMES[dtype], mode=mode, backend=backend)
+    benchmark.group = f"{op} {res}px {DTYPE_NAMES[dtype]} {layout} {mode}"
+    benchmark.extra_info.update(op=op, res=res, dtype=DTYPE_NAMES[dtype], layout=layout, mode=mode, backend=backend)
 
     if mode == "fwd":
         def call():

@@ -7,10 +7,9 @@
 """
 
 import pytest
-import torch
 
-from _bench import DEVICE, MODES, RESOLUTIONS, backend_params, channels, dtype_params, implementation, \
-    op_module, run_case, skip_compile_in_smoke, stage
+from _bench import LAYOUTS, MODES, RESOLUTIONS, activation, backend_params, channels, dtype_params, \
+    implementation, op_module, run_case, skip_compile_in_smoke, stage
 
 FADE_IN = op_module("fade_in").FADE_IN_IMPLEMENTATIONS
 FADE_REALS = op_module("fade_in").FADE_REALS_IMPLEMENTATIONS
@@ -20,66 +19,66 @@ FADE_RES = [r for r in RESOLUTIONS if r >= 8]
 ALPHA = 0.3
 
 
-def _randn(*shape, dtype, grad):
-    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=grad)
-
-
-def _case(benchmark, floor, op, table, backend, res, dtype, mode, make_inputs, call):
+def _case(benchmark, floor, op, table, backend, res, dtype, layout, mode, make_inputs, call):
     skip_compile_in_smoke(benchmark, backend, res == FADE_RES[0])
     grad = mode != "fwd"
-    inputs = make_inputs(stage(res), dtype, grad)
+    inputs = make_inputs(stage(res), lambda *shape: activation(*shape, layout=layout, dtype=dtype, grad=grad))
     impl = implementation(table, backend)
     run_case(benchmark, floor, op=op, res=res, dtype=dtype, mode=mode, backend=backend,
-             fn=lambda *t: call(impl, *t), inputs=inputs, grad_inputs=inputs if grad else [])
+             fn=lambda *t: call(impl, *t), inputs=inputs, grad_inputs=inputs if grad else [], layout=layout)
 
 
 params = pytest.mark.parametrize
 modes = params("mode", MODES)
+layouts = params("layout", LAYOUTS)
 dtypes = params("dtype", dtype_params())
 resolutions = params("res", FADE_RES)
 
 
 @modes
+@layouts
 @dtypes
 @resolutions
 @params("backend", backend_params(FADE_IN))
-def test_fade_in(benchmark, memory_floor_gbps, backend, res, dtype, mode):
-    def make(s, dtype, grad):
-        return [_randn(s.batch, 3, res // 2, res // 2, dtype=dtype, grad=grad),
-                _randn(s.batch, 3, res, res, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "fade_in", FADE_IN, backend, res, dtype, mode, make,
+def test_fade_in(benchmark, memory_floor_gbps, backend, res, dtype, layout, mode):
+    def make(s, randn):
+        return [randn(s.batch, 3, res // 2, res // 2), randn(s.batch, 3, res, res)]
+    _case(benchmark, memory_floor_gbps, "fade_in", FADE_IN, backend, res, dtype, layout, mode, make,
           lambda f, low, high: f(low, high, ALPHA))
 
 
 @modes
+@layouts
 @dtypes
 @resolutions
 @params("backend", backend_params(BLEND))
-def test_blend(benchmark, memory_floor_gbps, backend, res, dtype, mode):
-    def make(s, dtype, grad):
+def test_blend(benchmark, memory_floor_gbps, backend, res, dtype, layout, mode):
+    def make(s, randn):
         shape = (s.batch, channels(res // 2), res // 2, res // 2)
-        return [_randn(*shape, dtype=dtype, grad=grad), _randn(*shape, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "blend", BLEND, backend, res, dtype, mode, make,
+        return [randn(*shape), randn(*shape)]
+    _case(benchmark, memory_floor_gbps, "blend", BLEND, backend, res, dtype, layout, mode, make,
           lambda f, old, new: f(old, new, ALPHA))
 
 
 @modes
+@layouts
 @dtypes
 @resolutions
 @params("backend", backend_params(DOWNSAMPLE))
-def test_downsample2x(benchmark, memory_floor_gbps, backend, res, dtype, mode):
-    def make(s, dtype, grad):
-        return [_randn(s.batch, channels(res // 2), res, res, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "downsample2x", DOWNSAMPLE, backend, res, dtype, mode,
+def test_downsample2x(benchmark, memory_floor_gbps, backend, res, dtype, layout, mode):
+    def make(s, randn):
+        return [randn(s.batch, channels(res // 2), res, res)]
+    _case(benchmark, memory_floor_gbps, "downsample2x", DOWNSAMPLE, backend, res, dtype, layout, mode,
           make, lambda f, x: f(x))
 
 
 @modes
+@layouts
 @dtypes
 @resolutions
 @params("backend", backend_params(FADE_REALS))
-def test_fade_reals(benchmark, memory_floor_gbps, backend, res, dtype, mode):
-    def make(s, dtype, grad):
-        return [_randn(s.batch, 3, res, res, dtype=dtype, grad=grad)]
-    _case(benchmark, memory_floor_gbps, "fade_reals", FADE_REALS, backend, res, dtype, mode,
+def test_fade_reals(benchmark, memory_floor_gbps, backend, res, dtype, layout, mode):
+    def make(s, randn):
+        return [randn(s.batch, 3, res, res)]
+    _case(benchmark, memory_floor_gbps, "fade_reals", FADE_REALS, backend, res, dtype, layout, mode,
           make, lambda f, x: f(x, ALPHA))

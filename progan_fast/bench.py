@@ -11,7 +11,9 @@ both Adam steps, EMA) in every configuration this machine can run, side by side 
   chosen in the warm-up steps (or read from the choice cache, as a training run would); its row
   notes how many op signatures went to which backend;
 - each of those with ``+amp`` (bf16 autocast) and, on a GPU, ``+graphs`` and ``+amp+graphs``
-  (one CUDA graph for the iteration).
+  (one CUDA graph for the iteration);
+- ``+cl``: the networks' activations in NHWC (train's ``--channels-last``), beside the float32,
+  ``+amp`` and (GPU) ``+amp+graphs`` configurations of every backend (``--no-channels-last`` skips them).
 
 Every configuration starts from the same seeded networks, trains a fade phase (alpha 0.5) on a
 synthetic dataset held on the device, warms up (allocation, Triton autotuning, compilation, graph
@@ -53,12 +55,14 @@ class Variant:
     amp: bool = False
     graphs: bool = False
     compile: bool = False
+    channels_last: bool = False
 
     @property
     def name(self) -> str:
         if self.compile:
             return "compile"
-        return self.backend + ("+amp" if self.amp else "") + ("+graphs" if self.graphs else "")
+        return (self.backend + ("+amp" if self.amp else "") + ("+graphs" if self.graphs else "")
+                + ("+cl" if self.channels_last else ""))
 
 
 @dataclass
@@ -84,7 +88,10 @@ def kernel_backends(device_type: str) -> list[str]:
     return ["reference"] + [b for b in names if b != "reference"]
 
 
-def variants_for(device_type: str, with_compile: bool) -> list[Variant]:
+def variants_for(device_type: str, with_compile: bool, with_channels_last: bool = True) -> list[Variant]:
+    """Every backend, ``auto`` last, each plain, ``+amp`` and on a GPU ``+graphs``; with
+    ``with_channels_last``, ``+cl`` (NHWC activations) beside the float32 and the fastest
+    configurations (``+cl``, ``+amp+cl``, and on a GPU ``+amp+graphs+cl``), not every combination."""
     out = []
     for backend in kernel_backends(device_type) + ["auto"]:
         out.append(Variant(backend))
@@ -93,6 +100,10 @@ def variants_for(device_type: str, with_compile: bool) -> list[Variant]:
         out.append(Variant(backend, amp=True))
         if device_type == "cuda":
             out += [Variant(backend, graphs=True), Variant(backend, amp=True, graphs=True)]
+        if with_channels_last:
+            out += [Variant(backend, channels_last=True), Variant(backend, amp=True, channels_last=True)]
+            if device_type == "cuda":
+                out.append(Variant(backend, amp=True, graphs=True, channels_last=True))
     return out
 
 
@@ -109,7 +120,7 @@ def time_variant(variant: Variant, res: int, batch: int, config: NetworkConfig, 
         warmup = max(warmup, 1)  # choosing (timing or reading the cache) happens in the first step, untimed
     torch.manual_seed(0)
     state = GANState.create(config, device, loss=loss, amp_dtype=torch.bfloat16 if variant.amp else None,
-                            capturable=variant.graphs)
+                            capturable=variant.graphs, channels_last=variant.channels_last)
     if variant.compile:
         state.G, state.D = torch.compile(state.G), torch.compile(state.D)
     images = torch.randint(0, 256, (max(4 * batch, 64), 3, res, res), dtype=torch.uint8, device=device)
@@ -152,10 +163,10 @@ def auto_picks() -> str:
 
 
 def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, device: torch.device, steps: int,
-                  warmup: int, with_compile: bool, log=print) -> list[Result]:
+                  warmup: int, with_compile: bool, log=print, with_channels_last: bool = True) -> list[Result]:
     results: list[Result] = []
     config = NetworkConfig(max_res=max(resolutions), **widths)
-    variants = variants_for(device.type, with_compile)
+    variants = variants_for(device.type, with_compile, with_channels_last)
     if loss == "wgan-gp":
         log(f"{PROG}: compile is not timed: torch.compile cannot run the gradient penalty's double backward "
             f"(use --loss nonsat to time it)")
@@ -226,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps first (default 5 GPU, 2 CPU; graphed runs also need 3 eager steps and a capture)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration (slow to compile)")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="skip the +cl configurations (the networks' activations in NHWC, as train's --channels-last)")
     p.add_argument("--json", type=Path, default=None,
                    help="where to save the results (default runs/bench/bench-<device>-<date-time>.json)")
     return p
@@ -272,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     log(f"{PROG}: {device_description(device)}; torch {torch.__version__}; loss {args.loss}; widths "
         f"{widths}; {steps} timed steps after {warmup} warm-up steps")
-    results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log)
+    results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log,
+                            with_channels_last=not args.no_channels_last)
     table = format_table(results)
     print(f"Training-step throughput on {device_description(device)} (loss {args.loss}, "
           f"fmap_base {widths['fmap_base']}, fmap_max {widths['fmap_max']}); ratios against plain eager PyTorch")

@@ -93,6 +93,7 @@ class RunOptions:
     tensorboard: bool = True
     amp: str | None = None  # None (float32), "bf16" or "fp16"
     cuda_graphs: bool = False
+    channels_last: bool = False  # the networks' activations in NHWC (same math, other memory order)
     nvtx: bool = False
     profile_steps: int | None = None  # record this many steps with torch.profiler, then stop
     cuda_profiler_window: tuple[int, int] | None = None  # (start, stop) steps of this invocation

@@ -117,26 +117,27 @@ class GANState:
     _ema_pairs: dict = field(default_factory=dict, repr=False)  # res -> (G, G_ema, their grown parameters)
     found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
     cond_weight: float = 1.0  # weight of the class terms of a conditional run's losses
+    channels_last: bool = False  # the networks' activations in NHWC (networks.Generator.use_channels_last)
 
     @classmethod
     def create(cls, config: NetworkConfig, device: torch.device, loss: str = "nonsat", lr: float = ADAM_LR,
                ema_beta: float = EMA_BETA, amp_dtype: torch.dtype | None = None, fused_adam: bool = True,
-               capturable: bool = False, cond_weight: float = 1.0) -> GANState:
+               capturable: bool = False, cond_weight: float = 1.0, channels_last: bool = False) -> GANState:
         if loss not in losses.LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(losses.LOSSES)}")
         if amp_dtype not in (None, *AMP_DTYPES.values()):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, not {amp_dtype}")
         fp16 = amp_dtype == torch.float16
         fused_adam = fused_adam or fp16  # only the fused Adam can skip a step on the device
-        G = Generator(config).to(device)
-        D = Discriminator(config).to(device)
-        G_ema = Generator(config).to(device)
+        G = Generator(config).to(device).use_channels_last(channels_last)
+        D = Discriminator(config).to(device).use_channels_last(channels_last)
+        G_ema = Generator(config).to(device).use_channels_last(channels_last)
         G_ema.load_state_dict(G.state_dict())
         G_ema.requires_grad_(False)
         return cls(config, G, D, G_ema, make_adam(G, lr, fused_adam, capturable), make_adam(D, lr, fused_adam, capturable),
                    lr, ema_beta, loss, amp_dtype, fused_adam, capturable,
                    DeviceLossScaler(device) if fp16 else None, DeviceLossScaler(device) if fp16 else None,
-                   cond_weight=cond_weight)
+                   cond_weight=cond_weight, channels_last=channels_last)
 
     def wrap_data_parallel(self, world: World, device: torch.device, res: int, fading: bool) -> None:
         """Wrap D and G in ``DistributedDataParallel`` for one phase of a multi-rank run (a no-op

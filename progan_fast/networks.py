@@ -17,6 +17,15 @@ Details the paper leaves open follow the official implementation (tkarras/progre
 - class-conditional (``num_classes > 0``, the official ``label_size``): G's input is the latent
   concatenated with the one-hot label, pixel-normalized together as the official ``combo_in``; D's
   last dense layer has ``1 + num_classes`` outputs, the score and the class logits (AC-GAN).
+
+Memory format (:meth:`Generator.use_channels_last`, :meth:`Discriminator.use_channels_last`, the
+``--channels-last`` flag): the networks can run their activations in NHWC (``torch.channels_last``).
+Every op keeps its input's layout, so the networks convert only where activations enter: G's 4x4
+map after its dense input layer, D's input images. The parameters keep their usual layout (ATen's
+conv and our kernels take any weight strides), so checkpoints and the EMA do not depend on it. The
+two dense layers that flatten or unflatten a 4x4 map (G's input, D's ``4x4 -> nf(0)``) order
+their features channel-major as the official code does; in NHWC D's flatten is therefore a copy of
+that small ``[N, C, 4, 4]`` map (as is G's conversion), cheaper than reordering the dense weight.
 """
 
 from __future__ import annotations
@@ -111,20 +120,25 @@ class GeneratorInput(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.scale = (SQRT2 / 4) / math.sqrt(latent_size)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """The 4x4 map, in ``memory_format``."""
         n = z.shape[0]
         x = ops.pixel_norm(z.reshape(n, -1, 1, 1))
         # Output feature k of the dense layer is channel k // 16 of the 4x4 map, so repeating each
         # channel's bias 16 times is exactly the official "dense, reshape, add per-channel bias".
         x = ops.conv2d_bias_lrelu(x, self.weight, self.bias.repeat_interleave(16), self.scale, activation=True)
+        x = x.reshape(n, self.channels, 4, 4)
+        if memory_format != torch.contiguous_format:
+            x = x.contiguous(memory_format=memory_format)
         # Pixel norm after the reshape: over the C channels of each of the 16 pixels, not over all 16C.
-        return ops.pixel_norm(x.reshape(n, self.channels, 4, 4))
+        return ops.pixel_norm(x)
 
 
 class Generator(nn.Module):
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         self.config = config
+        self.memory_format = torch.contiguous_format  # of the activations: use_channels_last
         c4 = config.channels(4)
         self.input = GeneratorInput(config.latent_size + config.num_classes, c4)
         self.conv4 = EqualizedConv2d(c4, c4, 3, pixel_norm=True)
@@ -148,7 +162,7 @@ class Generator(nn.Module):
 
         ``alpha`` is None in a stabilize phase (new path only) and the fade weight in a fade phase.
         """
-        x = self.conv4(self.input(with_labels(z, labels, self.config.num_classes)))
+        x = self.conv4(self.input(with_labels(z, labels, self.config.num_classes), self.memory_format))
         prev = x
         r = 8
         while r <= res:
@@ -159,6 +173,11 @@ class Generator(nn.Module):
         if alpha is not None and res > 4:
             rgb = ops.fade_in(self.to_rgb[str(res // 2)](prev), rgb, alpha)
         return rgb
+
+    def use_channels_last(self, channels_last: bool = True) -> Generator:
+        """Run the activations in NHWC (or, with False, NCHW again); the images come out in it."""
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return self
 
     def parameters_used(self, res: int, fading: bool) -> set[str]:
         """Names of the parameters :meth:`forward` uses at ``res`` (with ``alpha`` if ``fading``)."""
@@ -210,6 +229,7 @@ class Discriminator(nn.Module):
     def __init__(self, config: NetworkConfig) -> None:
         super().__init__()
         self.config = config
+        self.memory_format = torch.contiguous_format  # of the activations: use_channels_last
         self.from_rgb = nn.ModuleDict({"4": EqualizedConv2d(3, config.channels(4), 1)})
         self.blocks = nn.ModuleDict()
         for res in config.resolutions()[1:]:
@@ -227,6 +247,8 @@ class Discriminator(nn.Module):
     def forward(self, img: torch.Tensor, res: int, alpha: Alpha | None = None) -> torch.Tensor:
         """Logits ``[N]`` for images ``[N, 3, res, res]`` (conditional: ``[N, 1 + num_classes]``, the
         score then the class logits); ``alpha`` as in :meth:`Generator.forward`."""
+        if self.memory_format != torch.contiguous_format:
+            img = img.contiguous(memory_format=self.memory_format)  # a no-op for G's channels-last fakes
         x = self.from_rgb[str(res)](img)
         if res > 4:
             x = self._block(res, x)
@@ -238,6 +260,11 @@ class Discriminator(nn.Module):
                 x = self._block(r, x)
                 r //= 2
         return self.output(x)
+
+    def use_channels_last(self, channels_last: bool = True) -> Discriminator:
+        """Run the activations in NHWC (or, with False, NCHW again): the images are converted on entry."""
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return self
 
     def parameters_used(self, res: int, fading: bool) -> set[str]:
         """Names of the parameters :meth:`forward` uses at ``res`` (with ``alpha`` if ``fading``)."""

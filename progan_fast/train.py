@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture each (resolution, phase)'s whole iteration as one CUDA graph and replay it "
                         "(the first 3 steps of a phase run eagerly to warm up); needs a CUDA device, "
                         "otherwise training continues without graphs")
+    r.add_argument("--channels-last", action="store_true",
+                   help="run the networks' activations in NHWC memory order (torch.channels_last): every op "
+                        "reads and writes that layout directly, and the convolutions use their NHWC kernels "
+                        "(cuDNN's and oneDNN's, and the Triton conv's variant that loads contiguous input "
+                        "channels). Same math; sums may round in another order. Free to change on resume")
     pr = p.add_argument_group("profiling (see README, 'Profiling')")
     pr.add_argument("--nvtx", action="store_true",
                     help="mark each phase of a step (data, D forward, penalty, D backward, D optimizer, G forward, "
@@ -274,6 +279,7 @@ def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) 
         progress=not args.no_progress,
         tensorboard=not args.no_tensorboard,
         amp=args.amp_dtype if args.amp else None,
+        channels_last=args.channels_last,
         cuda_graphs=args.cuda_graphs,
         nvtx=args.nvtx,
         swd_kimg=args.swd_kimg,

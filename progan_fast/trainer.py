@@ -119,7 +119,7 @@ class Trainer:
         self.state = GANState.create(
             config.network_config(len(self.class_names or ())), self.device, config.loss, config.lr, config.ema_beta,
             amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp], capturable=self.use_graphs,
-            cond_weight=config.cond_weight,
+            cond_weight=config.cond_weight, channels_last=options.channels_last,
         )
         self.phase_index, self.step = 0, 0
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
@@ -209,6 +209,7 @@ class Trainer:
             self.folder.remove_torn_writes()
         amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
         graphs = ", CUDA graphs" if self.use_graphs else ""
+        graphs += ", channels-last" if self.options.channels_last else ""
         ranks = f", {self.world.size} ranks (DDP)" if self.world.distributed else ""
         self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}{ranks}")
         self.run_log.open(self.dataset, self.config.max_res)

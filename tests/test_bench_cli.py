@@ -11,10 +11,14 @@ def test_configurations_per_device():
     cpu = [v.name for v in bench.variants_for("cpu", with_compile=True)]
     assert cpu[:2] == ["reference", "compile"] and "reference+amp" in cpu
     assert not any("graphs" in n or n.startswith("triton") for n in cpu)  # no interpreter timings, no graphs
-    assert cpu[-2:] == ["auto", "auto+amp"]  # beside every fixed backend
+    assert cpu[-4:] == ["auto", "auto+amp", "auto+cl", "auto+amp+cl"]  # beside every fixed backend
+    assert {"reference+cl", "reference+amp+cl"} <= set(cpu)
     gpu = [v.name for v in bench.variants_for("cuda", with_compile=False)]
     assert {"reference", "reference+amp", "reference+graphs", "reference+amp+graphs"} <= set(gpu)
-    assert gpu[-4:] == ["auto", "auto+amp", "auto+graphs", "auto+amp+graphs"]
+    assert gpu[-7:] == ["auto", "auto+amp", "auto+graphs", "auto+amp+graphs", "auto+cl", "auto+amp+cl",
+                        "auto+amp+graphs+cl"]
+    assert not any(n.endswith("+cl") for n in
+                   (v.name for v in bench.variants_for("cpu", with_compile=True, with_channels_last=False)))
     assert "compile" not in gpu
     assert bench.kernel_backends("cpu")[0] == "reference"
 
@@ -28,7 +32,8 @@ def test_quick_cpu_run_prints_the_table_and_saves_json(tmp_path, capsys):
     record = json.loads(out.read_text())
     rows = {(r["res"], r["variant"]): r for r in record["results"]}
     assert set(rows) >= {(4, "reference"), (4, "reference+amp"), (8, "reference"), (8, "reference+amp"),
-                         (4, "auto"), (4, "auto+amp"), (8, "auto"), (8, "auto+amp")}
+                         (4, "auto"), (4, "auto+amp"), (8, "auto"), (8, "auto+amp"),
+                         (8, "reference+cl"), (8, "auto+amp+cl")}
     # auto chose in its (forced) warm-up step, and says how: every op shape on some backend, all timed here
     for res in (4, 8):
         picks = rows[(res, "auto")]["picks"]

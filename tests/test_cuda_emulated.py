@@ -162,25 +162,25 @@ def run_conv_epilogue(emu, shape, dtype, activation, pixel_norm, with_bias=True,
 def run_fade_in(emu, shape, dtype, placement="end"):
     n, c, h, w = shape  # the low-resolution shape
     code, acc = emu.dtype_code(dtype), emulator.ACC_DTYPES[dtype]
-    rows, alpha = n * c * h, 0.3
+    alpha = 0.3
     low, high = inputs(shape, dtype, 6), inputs((n, c, 2 * h, 2 * w), dtype, 7)
     grad = inputs((n, c, 2 * h, 2 * w), dtype, 8)
     a = emu.scalar(alpha, dtype)
     out = emu.output(high.shape, dtype, "out", placement)
     emu.call("fade_in_forward", code, emu.buffer(low, "low", placement), emu.buffer(high, "high", placement), a, out,
-             rows, w)
+             n, c, h, w, False)
     low64, high64 = low.double().requires_grad_(), high.double().requires_grad_()
     ref = torch.lerp(low64.repeat_interleave(2, 2).repeat_interleave(2, 3), high64, alpha)
     check(out.read(), ref, dtype, "fade_in forward")
     d_low = emu.output(shape, dtype, "d_low", placement)
     d_high = emu.output(high.shape, dtype, "d_high", placement)
-    emu.call("fade_in_backward", code, emu.buffer(grad, "grad", placement), a, d_low, d_high, rows, w)
+    emu.call("fade_in_backward", code, emu.buffer(grad, "grad", placement), a, d_low, d_high, n, c, h, w, False)
     want_low, want_high = torch.autograd.grad(ref, (low64, high64), grad.double())
     check(d_low.read(), want_low, dtype, "fade_in backward (low)")
     check(d_high.read(), want_high, dtype, "fade_in backward (high)")
     # fade_reals: lerp(up(down(x)), x, alpha) on a full-resolution x.
     faded = emu.output(high.shape, dtype, "out", placement)
-    emu.call("fade_reals", code, emu.buffer(high, "x", placement), a, faded, rows, w)
+    emu.call("fade_reals", code, emu.buffer(high, "x", placement), a, faded, n, c, h, w, False)
     x64 = high.double()
     check(faded.read(), torch.lerp(F.avg_pool2d(x64, 2).repeat_interleave(2, 2).repeat_interleave(2, 3), x64, alpha),
           dtype, "fade_reals")
@@ -206,19 +206,27 @@ def run_downsample2x(emu, shape, dtype, placement="end"):
     code = emu.dtype_code(dtype)
     x = inputs(shape, dtype, 12)
     y = emu.output((n, c, h // 2, w // 2), dtype, "y", placement)
-    emu.call("downsample2x_forward", code, emu.buffer(x, "x", placement), y, n * c, h, w)
+    emu.call("downsample2x_forward", code, emu.buffer(x, "x", placement), y, n, c, h, w, False)
     x64 = x.double().requires_grad_()
     ref = F.avg_pool2d(x64, 2)
     check(y.read(), ref, dtype, "downsample2x forward")
     grad = inputs(ref.shape, dtype, 13)
     dx = emu.output(shape, dtype, "dx", placement)
-    emu.call("downsample2x_backward", code, emu.buffer(grad, "grad", placement), dx, n * c, h, w)
+    emu.call("downsample2x_backward", code, emu.buffer(grad, "grad", placement), dx, n, c, h, w, False)
     (want,) = torch.autograd.grad(ref, x64, grad.double())
     check(dx.read(), want, dtype, "downsample2x backward")
 
 
-def run_minibatch_stddev(emu, shape, group, dtype, placement="end"):
+def run_minibatch_stddev(emu, shape, group, dtype, placement="end", channels_last=False):
+    """With ``channels_last`` the buffers hold NHWC memory (x, dx [N, H, W, C]; out, grad [N, H, W, C + 1])."""
     mbstd = importlib.import_module("progan_fast.ops.minibatch_stddev")
+
+    def memory(t):  # an [N, C, H, W] tensor as the flat buffer holds it
+        return t.permute(0, 2, 3, 1).contiguous() if channels_last else t
+
+    def logical(buf):  # the buffer read back as [N, C, H, W]
+        t = buf.read()
+        return t.permute(0, 3, 1, 2) if channels_last else t
 
     n, c, h, w = shape
     p, f = h * w, c * h * w
@@ -226,19 +234,20 @@ def run_minibatch_stddev(emu, shape, group, dtype, placement="end"):
     m = n // g
     code, acc = emu.dtype_code(dtype), emulator.ACC_DTYPES[dtype]
     x = inputs(shape, dtype, 14)
-    out = emu.output((n, c + 1, h, w), dtype, "out", placement)
+    out = emu.output(memory(torch.empty(n, c + 1, h, w)).shape, dtype, "out", placement)
     part = emu.output((emu.value("minibatch_stddev_part_count", m, f),), acc, "part", placement)
-    xb = emu.buffer(x, "x", placement)
-    emu.call("minibatch_stddev_forward", code, xb, out, part, g, m, f, p, EPS)
+    xb = emu.buffer(memory(x), "x", placement)
+    emu.call("minibatch_stddev_forward", code, xb, out, part, g, m, f, p, EPS, channels_last)
     x64 = x.double().requires_grad_()
     ref = mbstd.reference(x64, group, EPS)
-    check(out.read(), ref, dtype, "minibatch_stddev forward")
+    check(logical(out), ref, dtype, "minibatch_stddev forward")
     grad = inputs((n, c + 1, h, w), dtype, 15)
     gs = emu.output((m,), acc, "gs", placement)
-    dx = emu.output(shape, dtype, "dx", placement)
-    emu.call("minibatch_stddev_backward", code, emu.buffer(grad, "grad", placement), xb, gs, dx, g, m, f, p, EPS)
+    dx = emu.output(memory(x).shape, dtype, "dx", placement)
+    emu.call("minibatch_stddev_backward", code, emu.buffer(memory(grad), "grad", placement), xb, gs, dx, g, m, f, p,
+             EPS, channels_last)
     (want,) = torch.autograd.grad(ref, x64, grad.double())
-    check(dx.read(), want, dtype, "minibatch_stddev backward")
+    check(logical(dx), want, dtype, "minibatch_stddev backward")
 
 
 # ----- the kernels ----------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ default, what one H100 session is given):
 4. ``native-tests``: the native library's tests (its CUDA kernels among them) under
    ``compute-sanitizer --tool memcheck`` where that tool exists, plainly otherwise.
 5. ``bench-8``, ``bench-32``, ``bench-128``: ``python -m progan_fast.bench`` at that resolution with paper
-   widths: reference, triton and cuda, each plain, ``+amp``, ``+graphs`` and ``+amp+graphs``.
+   widths: reference, triton, cuda and auto, each plain, ``+amp``, ``+graphs`` and ``+amp+graphs``; at
+   32 px also ``+cl``, ``+amp+cl`` and ``+amp+graphs+cl`` (channels-last activations).
 
 Each stage's output goes to ``OUT/<stage>.log``; ``OUT/report.json`` holds every stage (command, exit
 code, seconds, whether it was cut and why, the pytest counts) and ``OUT/summary.md`` the same as tables,
@@ -139,8 +140,8 @@ def probe() -> dict:
 # ----- the plan ----------------------------------------------------------------------------------------
 
 #: Seconds per stage; they add up to the 8-minute default budget.
-CAPS = {"install": 150, "native-status": 15, "cuda-tests": 70, "op-tests": 70, "native-tests": 55,
-        "bench-8": 30, "bench-32": 35, "bench-128": 55}
+CAPS = {"install": 135, "native-status": 15, "cuda-tests": 70, "op-tests": 70, "native-tests": 55,
+        "bench-8": 30, "bench-32": 50, "bench-128": 55}
 
 
 def plan(info: dict, out: Path, wheelhouse: Path | None, skip_install: bool) -> list[Stage]:
@@ -177,10 +178,14 @@ def plan(info: dict, out: Path, wheelhouse: Path | None, skip_install: bool) -> 
                         why="the CUDA kernels against the reference" +
                             (", under memcheck" if info.get("compute_sanitizer") else "")))
     for res in (8, 32, 128):
+        # The +cl (channels-last) rows add 3 per backend: timed at 32 px only, to fit the budget.
+        layouts = [] if res == 32 else ["--no-channels-last"]
         stages.append(Stage(f"bench-{res}", CAPS[f"bench-{res}"],
                             [py, "-m", "progan_fast.bench", "--device", "cuda", "--res", str(res), "--widths", "paper",
-                             "--no-compile", "--steps", "10", "--warmup", "3", "--json", str(out / f"bench-{res}.json")],
-                            why=f"whole-step img/s at {res}px: reference, triton, cuda, each +amp/+graphs"))
+                             "--no-compile", "--steps", "10", "--warmup", "3", *layouts,
+                             "--json", str(out / f"bench-{res}.json")],
+                            why=f"whole-step img/s at {res}px: reference, triton, cuda, auto, each +amp/+graphs"
+                                + (", and +cl" if res == 32 else "")))
     return stages
 
 

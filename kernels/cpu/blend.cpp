@@ -1,5 +1,6 @@
 // CPU twin of kernels/cuda/blend.cu: D's fade-in blend, lerp(old, new, alpha) elementwise, and its
-// backward, one pass over memory each.
+// backward, one pass over memory each. A flat loop over memory order: any layout (NCHW or NHWC) the
+// glue has given all three tensors.
 #include <ATen/Parallel.h>
 
 #include "cpu_kernels.h"

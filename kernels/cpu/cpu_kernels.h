@@ -46,32 +46,40 @@ void conv_epilogue_backward(const T* dy, const T* y, const acc_t<T>* r, T* g, ac
                             int64_t c, int64_t p, bool activation, bool pixel_norm, bool channels_last);
 
 // fade_in and fade_reals; alpha is passed by value here and below (on the CPU reading the 0-dim
-// tensor is free). rows = N * C * H of the low-resolution tensor, wl = its width.
+// tensor is free). [n, c, hl, wl] is the low-resolution shape; every tensor is dense NCHW, or
+// dense NHWC when channels_last (then the inner loops run over contiguous channels).
 template <typename T>
-void fade_in_forward(const T* low, const T* high, T* out, int64_t rows, int64_t wl, acc_t<T> alpha);
+void fade_in_forward(const T* low, const T* high, T* out, int64_t n, int64_t c, int64_t hl, int64_t wl,
+                     bool channels_last, acc_t<T> alpha);
 template <typename T>
-void fade_in_backward(const T* grad, T* d_low, T* d_high, int64_t rows, int64_t wl, acc_t<T> alpha);
+void fade_in_backward(const T* grad, T* d_low, T* d_high, int64_t n, int64_t c, int64_t hl, int64_t wl,
+                      bool channels_last, acc_t<T> alpha);
 template <typename T>
-void fade_reals(const T* x, T* out, int64_t rows, int64_t wl, acc_t<T> alpha);
+void fade_reals(const T* x, T* out, int64_t n, int64_t c, int64_t hl, int64_t wl, bool channels_last,
+                acc_t<T> alpha);
 
-// blend: out = lerp(old, new, alpha) elementwise.
+// blend: out = lerp(old, new, alpha) elementwise; any layout, as long as all three share it.
 template <typename T>
 void blend_forward(const T* old_, const T* new_, T* out, int64_t numel, acc_t<T> alpha);
 template <typename T>
 void blend_backward(const T* grad, T* d_old, T* d_new, int64_t numel, acc_t<T> alpha);
 
-// downsample2x: planes = N * C; an odd last row/column of the input is ignored (as avg_pool2d does).
+// downsample2x: [n, c, h, w] is the input's shape, input and output both dense NCHW, or both dense
+// NHWC when channels_last; an odd last row/column of the input is ignored (as avg_pool2d does).
 template <typename T>
-void downsample2x_forward(const T* x, T* y, int64_t planes, int64_t h, int64_t w);
+void downsample2x_forward(const T* x, T* y, int64_t n, int64_t c, int64_t h, int64_t w, bool channels_last);
 template <typename T>
-void downsample2x_backward(const T* grad, T* dx, int64_t planes, int64_t h, int64_t w);
+void downsample2x_backward(const T* grad, T* dx, int64_t n, int64_t c, int64_t h, int64_t w, bool channels_last);
 
-// minibatch_stddev with G groups members i = g * M + m (official grouping), F = C * P features.
+// minibatch_stddev with G groups members i = g * M + m (official grouping), F = C * P features. x, dx,
+// out and grad all dense NCHW, or all dense NHWC (channels_last: each pixel's C + 1 output values
+// contiguous, the stat value last); x is read in memory order, contiguous channels in NHWC.
 template <typename T>
-void minibatch_stddev_forward(const T* x, T* out, int64_t group, int64_t m, int64_t f, int64_t p, double eps);
+void minibatch_stddev_forward(const T* x, T* out, int64_t group, int64_t m, int64_t f, int64_t p, double eps,
+                              bool channels_last);
 template <typename T>
 void minibatch_stddev_backward(const T* grad, const T* x, T* dx, int64_t group, int64_t m, int64_t f, int64_t p,
-                               double eps);
+                               double eps, bool channels_last);
 
 }  // namespace progan::cpu
 

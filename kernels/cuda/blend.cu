@@ -1,6 +1,8 @@
 // D's fade-in blend, lerp(old, new, alpha) elementwise, and its backward, each one pass over memory.
 // alpha is read in-kernel from a 0-dim device scalar, so CUDA graph replays see its current value.
 // The widest elementwise op: it uses 16-byte vector accesses when every pointer and the size allow.
+// Layouts: the glue hands it three tensors dense in one same layout (NCHW or NHWC), so the flat
+// loop over memory order serves both unchanged.
 #include "common.cuh"
 
 namespace progan::cuda {

@@ -32,16 +32,16 @@ PROGAN_EMU_API int progan_emu_conv_epilogue_backward(int dt, const void* dy, con
                                               channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_fade_in_forward(int dt, const void* low, const void* high, const void* alpha, void* out,
-                                              int64_t rows, int64_t wl) {
-  return progan::cuda::fade_in_forward(DType(dt), low, high, alpha, out, rows, wl, nullptr);
+                                              int64_t n, int64_t c, int64_t hl, int64_t wl, bool channels_last) {
+  return progan::cuda::fade_in_forward(DType(dt), low, high, alpha, out, n, c, hl, wl, channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_fade_in_backward(int dt, const void* grad, const void* alpha, void* d_low, void* d_high,
-                                               int64_t rows, int64_t wl) {
-  return progan::cuda::fade_in_backward(DType(dt), grad, alpha, d_low, d_high, rows, wl, nullptr);
+                                               int64_t n, int64_t c, int64_t hl, int64_t wl, bool channels_last) {
+  return progan::cuda::fade_in_backward(DType(dt), grad, alpha, d_low, d_high, n, c, hl, wl, channels_last, nullptr);
 }
-PROGAN_EMU_API int progan_emu_fade_reals(int dt, const void* x, const void* alpha, void* out, int64_t rows,
-                                         int64_t wl) {
-  return progan::cuda::fade_reals(DType(dt), x, alpha, out, rows, wl, nullptr);
+PROGAN_EMU_API int progan_emu_fade_reals(int dt, const void* x, const void* alpha, void* out, int64_t n, int64_t c,
+                                         int64_t hl, int64_t wl, bool channels_last) {
+  return progan::cuda::fade_reals(DType(dt), x, alpha, out, n, c, hl, wl, channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_blend_forward(int dt, const void* old_, const void* new_, const void* alpha, void* out,
                                             int64_t numel) {
@@ -51,22 +51,25 @@ PROGAN_EMU_API int progan_emu_blend_backward(int dt, const void* grad, const voi
                                              int64_t numel) {
   return progan::cuda::blend_backward(DType(dt), grad, alpha, d_old, d_new, numel, nullptr);
 }
-PROGAN_EMU_API int progan_emu_downsample2x_forward(int dt, const void* x, void* y, int64_t planes, int64_t h,
-                                                   int64_t w) {
-  return progan::cuda::downsample2x_forward(DType(dt), x, y, planes, h, w, nullptr);
+PROGAN_EMU_API int progan_emu_downsample2x_forward(int dt, const void* x, void* y, int64_t n, int64_t c, int64_t h,
+                                                   int64_t w, bool channels_last) {
+  return progan::cuda::downsample2x_forward(DType(dt), x, y, n, c, h, w, channels_last, nullptr);
 }
-PROGAN_EMU_API int progan_emu_downsample2x_backward(int dt, const void* grad, void* dx, int64_t planes, int64_t h,
-                                                    int64_t w) {
-  return progan::cuda::downsample2x_backward(DType(dt), grad, dx, planes, h, w, nullptr);
+PROGAN_EMU_API int progan_emu_downsample2x_backward(int dt, const void* grad, void* dx, int64_t n, int64_t c, int64_t h,
+                                                    int64_t w, bool channels_last) {
+  return progan::cuda::downsample2x_backward(DType(dt), grad, dx, n, c, h, w, channels_last, nullptr);
 }
 PROGAN_EMU_API int64_t progan_emu_minibatch_stddev_part_count(int64_t m, int64_t f) {
   return progan::cuda::minibatch_stddev_part_count(m, f);
 }
 PROGAN_EMU_API int progan_emu_minibatch_stddev_forward(int dt, const void* x, void* out, void* part, int64_t group,
-                                                       int64_t m, int64_t f, int64_t p, double eps) {
-  return progan::cuda::minibatch_stddev_forward(DType(dt), x, out, part, group, m, f, p, eps, nullptr);
+                                                       int64_t m, int64_t f, int64_t p, double eps,
+                                                       bool channels_last) {
+  return progan::cuda::minibatch_stddev_forward(DType(dt), x, out, part, group, m, f, p, eps, channels_last, nullptr);
 }
 PROGAN_EMU_API int progan_emu_minibatch_stddev_backward(int dt, const void* grad, const void* x, void* gs, void* dx,
-                                                        int64_t group, int64_t m, int64_t f, int64_t p, double eps) {
-  return progan::cuda::minibatch_stddev_backward(DType(dt), grad, x, gs, dx, group, m, f, p, eps, nullptr);
+                                                        int64_t group, int64_t m, int64_t f, int64_t p, double eps,
+                                                        bool channels_last) {
+  return progan::cuda::minibatch_stddev_backward(DType(dt), grad, x, gs, dx, group, m, f, p, eps, channels_last,
+                                                 nullptr);
 }

@@ -2,6 +2,11 @@
 
 While a new resolution fades in, D blends ``fromRGB_prev(down2x(img))`` with the new block's
 output by ``alpha`` (0 -> old path only, 1 -> new path only). Both tensors have the same shape.
+
+Layouts: the op is elementwise, so in one dense layout it is a flat loop. ``old`` decides: dense
+NCHW or dense NHWC (channels-last) is used as it is, ``new`` is brought to the same layout (a copy
+only if it differs) and the output is allocated there; the backward's outputs take the incoming
+gradient's layout (``ops/common.py``). Any other strides are copied to NCHW first.
 ``alpha`` is a Python float or a 0-dim tensor; the blend is ``torch.lerp``, exact at both ends
 (see :mod:`.fade_in`, G's side of the fade).
 
@@ -27,7 +32,7 @@ import torch
 
 from . import _backend, _native
 from . import triton as triton_backend
-from .common import Alpha, alpha_grad, alpha_tensor
+from .common import Alpha, alpha_grad, alpha_tensor, dense_layout, is_channels_last, memory_format, to_layout
 from .triton import blend as kernels
 from .triton import elementwise
 
@@ -44,32 +49,34 @@ def reference(old: torch.Tensor, new: torch.Tensor, alpha: Alpha) -> torch.Tenso
 def _blend_op(old: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     triton_backend.check_device("blend", old, new, alpha)
     elementwise.check_size("blend", new)
-    old, new = old.contiguous(), new.contiguous()
-    out = torch.empty_like(new)
+    old, channels_last = dense_layout(old)
+    new = to_layout(new, channels_last)
+    out = torch.empty_like(old, memory_format=memory_format(channels_last))
     kernels.blend_forward(old, new, alpha, out)
     return out
 
 
 @_blend_op.register_fake
 def _blend_op_fake(old, new, alpha):
-    return torch.empty_like(new, memory_format=torch.contiguous_format)
+    return torch.empty_like(old, memory_format=memory_format(is_channels_last(old)))
 
 
 @torch.library.custom_op("progan_fast::blend_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _blend_backward_op(grad: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad`` -> ``(grad * (1 - alpha), grad * alpha)`` in one pass."""
+    """``grad`` -> ``(grad * (1 - alpha), grad * alpha)`` in one pass, in ``grad``'s layout."""
     triton_backend.check_device("blend_backward", grad, alpha)
     elementwise.check_size("blend_backward", grad)
-    grad = grad.contiguous()
-    d_old, d_new = torch.empty_like(grad), torch.empty_like(grad)
+    grad, channels_last = dense_layout(grad)
+    fmt = memory_format(channels_last)
+    d_old, d_new = torch.empty_like(grad, memory_format=fmt), torch.empty_like(grad, memory_format=fmt)
     kernels.blend_backward(grad, alpha, d_old, d_new)
     return d_old, d_new
 
 
 @_blend_backward_op.register_fake
 def _blend_backward_op_fake(grad, alpha):
-    return (torch.empty_like(grad, memory_format=torch.contiguous_format),
-            torch.empty_like(grad, memory_format=torch.contiguous_format))
+    fmt = memory_format(is_channels_last(grad))
+    return torch.empty_like(grad, memory_format=fmt), torch.empty_like(grad, memory_format=fmt)
 
 
 TRITON = SimpleNamespace(blend=_blend_op, blend_backward=_blend_backward_op)

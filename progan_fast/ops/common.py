@@ -82,13 +82,21 @@ def ncp_strides(c: int, p: int, channels_last: bool) -> tuple[int, int, int]:
 
 
 def upsample2x_reference(x: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour 2x upsample of an ``[N, C, H, W]`` tensor."""
+    """Nearest-neighbour 2x upsample of an ``[N, C, H, W]`` tensor, in ``x``'s layout: a dense NHWC
+    ``x`` gives an NHWC result (the same reshape/expand on its ``[N, H, W, C]`` view, so the same
+    values bit for bit and the same double-differentiable graph); anything else gives NCHW."""
     n, c, h, w = x.shape
+    if is_channels_last(x):
+        xt = x.permute(0, 2, 3, 1)  # [N, H, W, C], contiguous
+        up = xt.reshape(n, h, 1, w, 1, c).expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
+        return up.permute(0, 3, 1, 2)
     return x.reshape(n, c, h, 1, w, 1).expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 def downsample2x_reference(x: torch.Tensor) -> torch.Tensor:
-    """2x2 average pool of an ``[N, C, H, W]`` tensor (an odd last row/column is ignored)."""
+    """2x2 average pool of an ``[N, C, H, W]`` tensor (an odd last row/column is ignored), in
+    ``x``'s layout: ATen's ``avg_pool2d`` keeps channels-last (forward, backward and double
+    backward), with the same values as on the NCHW copy."""
     return F.avg_pool2d(x, kernel_size=2)
 
 

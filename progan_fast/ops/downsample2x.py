@@ -4,6 +4,11 @@ previous resolution during a fade, and the downsampling after each of its blocks
 ``[N, C, H, W]`` -> ``[N, C, H // 2, W // 2]``; an odd last row/column is ignored, as
 ``avg_pool2d`` does.
 
+Layouts: ``x`` dense NCHW or dense NHWC (channels-last); the output, and ``dx`` in the backward,
+come out in the layout of the op's input (``x``; the incoming gradient for the backward), with no
+copy (``ops/common.py``). Any other strides are copied to NCHW first. A gradient that is dense in
+both layouts (``C == 1``, or a 1x1 output) counts as NCHW, so then ``dx`` is NCHW.
+
 Backends:
 
 - ``reference``: ``avg_pool2d`` (:func:`.common.downsample2x_reference`, which ``fade_reals``
@@ -26,7 +31,7 @@ import torch
 
 from . import _backend, _native
 from . import triton as triton_backend
-from .common import downsample2x_reference
+from .common import dense_layout, downsample2x_reference, is_channels_last, memory_format
 from .triton import downsample2x as kernels
 from .triton import elementwise
 
@@ -41,34 +46,38 @@ reference = downsample2x_reference  # fade_reals' reference uses it too, so it l
 def _downsample2x_op(x: torch.Tensor) -> torch.Tensor:
     triton_backend.check_device("downsample2x", x)
     elementwise.check_size("downsample2x", x)
-    x = x.contiguous()
+    x, channels_last = dense_layout(x)
     n, c, h, w = x.shape
-    y = x.new_empty(n, c, h // 2, w // 2)
-    kernels.downsample2x_forward(x, y)
+    y = torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device, memory_format=memory_format(channels_last))
+    kernels.downsample2x_forward(x, y, channels_last)
     return y
 
 
 @_downsample2x_op.register_fake
 def _downsample2x_op_fake(x):
     n, c, h, w = x.shape
-    return x.new_empty(n, c, h // 2, w // 2)
+    return torch.empty(n, c, h // 2, w // 2, dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(is_channels_last(x)))
 
 
 @torch.library.custom_op("progan_fast::downsample2x_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _downsample2x_backward_op(grad: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``grad`` ``[N, C, H // 2, W // 2]`` -> ``dx`` ``[N, C, H, W]``: nearest 2x upsample of ``grad / 4``."""
+    """``grad`` ``[N, C, H // 2, W // 2]`` -> ``dx`` ``[N, C, H, W]``: nearest 2x upsample of ``grad / 4``,
+    in ``grad``'s layout."""
     triton_backend.check_device("downsample2x_backward", grad)
-    grad = grad.contiguous()
+    grad, channels_last = dense_layout(grad)
     n, c, _, _ = grad.shape
-    dx = grad.new_empty(n, c, height, width)
+    dx = torch.empty(n, c, height, width, dtype=grad.dtype, device=grad.device,
+                     memory_format=memory_format(channels_last))
     elementwise.check_size("downsample2x_backward", dx)
-    kernels.downsample2x_backward(grad, dx)
+    kernels.downsample2x_backward(grad, dx, channels_last)
     return dx
 
 
 @_downsample2x_backward_op.register_fake
 def _downsample2x_backward_op_fake(grad, height, width):
-    return grad.new_empty(grad.shape[0], grad.shape[1], height, width)
+    return torch.empty(grad.shape[0], grad.shape[1], height, width, dtype=grad.dtype, device=grad.device,
+                       memory_format=memory_format(is_channels_last(grad)))
 
 
 TRITON = SimpleNamespace(downsample2x=_downsample2x_op, downsample2x_backward=_downsample2x_backward_op)

@@ -10,6 +10,13 @@ than fake. (D's own fade is :mod:`.blend`, its 2x average pool :mod:`.downsample
 - :func:`fade_reals` ``(x, alpha)``: ``fade_in(downsample2x(x), x, alpha)``, the real images during
   a fade (D's twin of G's fade), as one op.
 
+Layouts: the activations are dense NCHW or dense NHWC (channels-last), and every output comes out
+in the layout of the op's first input (``low``; ``x``; the incoming gradient for the backward),
+with no copy: ``high`` is brought to ``low``'s layout (a copy only if it differs), and the kernels
+index through that layout's strides, in NHWC with the channel innermost (``ops/common.py``). Any
+other strides are copied to NCHW first; a ``low`` dense in both layouts (``C == 1`` or 1x1) counts
+as NCHW.
+
 ``alpha`` is a Python float or a 0-dim tensor (a device tensor for CUDA graphs, where the value
 changes in place between replays). The blend is ``torch.lerp``: the same ``a + (b - a) * alpha``,
 but exact at both ends (alpha 0 gives ``a`` and alpha 1 gives ``b`` bit for bit), which the plain
@@ -46,7 +53,8 @@ import torch
 
 from . import _backend, _native
 from . import triton as triton_backend
-from .common import Alpha, alpha_grad, alpha_tensor, downsample2x_reference, upsample2x_reference
+from .common import (Alpha, alpha_grad, alpha_tensor, dense_layout, downsample2x_reference, is_channels_last,
+                     memory_format, to_layout, upsample2x_reference)
 from .triton import elementwise
 from .triton import fade_in as kernels
 
@@ -64,53 +72,59 @@ def fade_reals_reference(x: torch.Tensor, alpha: Alpha) -> torch.Tensor:
 
 # ----- custom ops: Triton's progan_fast:: ops, and fake tensors for the native ones --------------
 
+def _empty(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format(channels_last))
+
+
 @torch.library.custom_op("progan_fast::fade_in", mutates_args=(), device_types=("cpu", "cuda"))
 def _fade_in_op(low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     triton_backend.check_device("fade_in", low, high, alpha)
     elementwise.check_size("fade_in", high)
-    low, high = low.contiguous(), high.contiguous()
-    out = torch.empty_like(high)
-    kernels.fade_in_forward(low, high, alpha, out)
+    low, channels_last = dense_layout(low)
+    high = to_layout(high, channels_last)
+    out = _empty(high.shape, high, channels_last)
+    kernels.fade_in_forward(low, high, alpha, out, channels_last)
     return out
 
 
 @_fade_in_op.register_fake
 def _fade_in_op_fake(low, high, alpha):
-    return torch.empty_like(high, memory_format=torch.contiguous_format)
+    return _empty(high.shape, high, is_channels_last(low))
 
 
 @torch.library.custom_op("progan_fast::fade_in_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _fade_in_backward_op(grad: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``grad`` ``[N, C, 2H, 2W]`` -> ``(d_low [N, C, H, W], d_high)`` for a given alpha."""
+    """``grad`` ``[N, C, 2H, 2W]`` -> ``(d_low [N, C, H, W], d_high)`` for a given alpha, in ``grad``'s layout."""
     triton_backend.check_device("fade_in_backward", grad, alpha)
     elementwise.check_size("fade_in_backward", grad)
-    grad = grad.contiguous()
+    grad, channels_last = dense_layout(grad)
     n, c, h2, w2 = grad.shape
-    d_low = grad.new_empty(n, c, h2 // 2, w2 // 2)
-    d_high = torch.empty_like(grad)
-    kernels.fade_in_backward(grad, alpha, d_low, d_high)
+    d_low = _empty((n, c, h2 // 2, w2 // 2), grad, channels_last)
+    d_high = _empty(grad.shape, grad, channels_last)
+    kernels.fade_in_backward(grad, alpha, d_low, d_high, channels_last)
     return d_low, d_high
 
 
 @_fade_in_backward_op.register_fake
 def _fade_in_backward_op_fake(grad, alpha):
     n, c, h2, w2 = grad.shape
-    return grad.new_empty(n, c, h2 // 2, w2 // 2), torch.empty_like(grad, memory_format=torch.contiguous_format)
+    channels_last = is_channels_last(grad)
+    return _empty((n, c, h2 // 2, w2 // 2), grad, channels_last), _empty(grad.shape, grad, channels_last)
 
 
 @torch.library.custom_op("progan_fast::fade_reals", mutates_args=(), device_types=("cpu", "cuda"))
 def _fade_reals_op(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     triton_backend.check_device("fade_reals", x, alpha)
     elementwise.check_size("fade_reals", x)
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    kernels.fade_reals_forward(x, alpha, out)
+    x, channels_last = dense_layout(x)
+    out = _empty(x.shape, x, channels_last)
+    kernels.fade_reals_forward(x, alpha, out, channels_last)
     return out
 
 
 @_fade_reals_op.register_fake
 def _fade_reals_op_fake(x, alpha):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _empty(x.shape, x, is_channels_last(x))
 
 
 TRITON = SimpleNamespace(fade_in=_fade_in_op, fade_in_backward=_fade_in_backward_op, fade_reals=_fade_reals_op)
@@ -152,12 +166,12 @@ def _fade_in_backward_backward(k, ctx, gg_low, gg_high):
     # (d_low, d_high) = ((1 - alpha) * blocksum(grad), alpha * grad) is linear in grad; its adjoint
     # maps (gg_low, gg_high) to (1 - alpha) * up2x(gg_low) + alpha * gg_high: fade_in itself.
     alpha, *saved = ctx.saved_tensors
-    if gg_low is None:
+    if gg_low is None:  # zeros in the other's layout, so fade_in below copies nothing
         n, c, h2, w2 = gg_high.shape
-        gg_low = gg_high.new_zeros(n, c, h2 // 2, w2 // 2)
+        gg_low = _empty((n, c, h2 // 2, w2 // 2), gg_high, is_channels_last(gg_high)).zero_()
     if gg_high is None:
         n, c, h, w = gg_low.shape
-        gg_high = gg_low.new_zeros(n, c, 2 * h, 2 * w)
+        gg_high = _empty((n, c, 2 * h, 2 * w), gg_low, is_channels_last(gg_low)).zero_()
     g_grad = g_alpha = None
     if ctx.needs_input_grad[0]:
         g_grad = k.fade_in(gg_low, gg_high, alpha)

@@ -20,6 +20,19 @@ Backends:
 - ``cpu`` / ``cuda``: the native library's ``progan_fast_native::`` twins, the same algorithm
   (kernels/cuda/minibatch_stddev.cu, kernels/cpu/minibatch_stddev.cpp), same autograd.
 
+Memory formats (see :mod:`progan_fast.ops.common`): ``x`` dense NCHW or dense NHWC (channels-last);
+the output comes out in the same layout, with no copy of ``x`` on the way (other strides are copied
+to NCHW first). In NHWC the output's extra channel is interleaved: each pixel holds its C + 1 values
+contiguously, the statistic last. The kernels read ``x`` in memory order -- the statistic is a sum
+over all features, whose order does not matter (only its rounding may differ between the two
+layouts) -- so in NHWC the feature reduction reads contiguous channels; feature ``k = p * C + c`` of
+a sample lands at ``k + p`` in its output row (``k`` in NCHW), the statistic at ``p * (C + 1) + C``
+(``C * P + p`` in NCHW). The backward reads the output gradient through the same offsets and writes
+``dx`` in ``x``'s layout; a gradient in the other layout is brought to ``x``'s first (a copy of the
+gradient, not of an activation the op saved). The eager reference keeps the layout too: for NHWC
+``x`` it concatenates the NHWC views along their last dimension (a plain ``torch.cat`` along C
+would return NCHW, since the stat channel's strides do not suggest channels-last).
+
 Autograd: the op sits inside the WGAN-GP gradient penalty, so the backward op has its own
 autograd: its derivative (the second derivative of the layer) comes from differentiating the
 reference's first derivative in eager PyTorch (tiny at 4x4, where D uses the layer).
@@ -33,6 +46,7 @@ from types import SimpleNamespace
 import torch
 
 from . import _backend, _native
+from .common import dense_layout, is_channels_last, memory_format, to_layout
 from . import triton as triton_backend
 from .triton import minibatch_stddev as kernels
 
@@ -57,6 +71,11 @@ def reference(x: torch.Tensor, group_size: int = 4, eps: float = 1e-8) -> torch.
     y = (y.square().mean(dim=0) + eps).sqrt()    # [M, C, H, W] stddev over the group
     y = y.mean(dim=(1, 2, 3))                    # [M] averaged over features and pixels
     y = y.to(x.dtype).reshape(1, n // g, 1, 1, 1).expand(g, n // g, 1, h, w).reshape(n, 1, h, w)
+    if is_channels_last(x):
+        # torch.cat([x, y], 1) returns channels-last only when y's strides suggest it too, which an
+        # [N, 1, H, W] (ambiguous, or expanded) need not: concatenate the NHWC views along their last
+        # dimension instead, a dense [N, H, W, C + 1], seen as NCHW-shaped channels-last.
+        return torch.cat([x.permute(0, 2, 3, 1), y.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
     return torch.cat([x, y], dim=1)
 
 
@@ -73,41 +92,48 @@ def _dims(x: torch.Tensor, group_size: int):
 @torch.library.custom_op("progan_fast::minibatch_stddev", mutates_args=(), device_types=("cpu", "cuda"))
 def _mbstd_op(x: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
     triton_backend.check_device("minibatch_stddev", x)
-    x = x.contiguous()
     n, c, p, g, _ = _dims(x, group_size)
-    out = x.new_empty(n, c + 1, x.shape[2], x.shape[3])
+    x, channels_last = dense_layout(x)
+    out = _new_output(x, n, c, channels_last)
     if out.numel() == 0:
         return out
     if c * p == 0:  # no features: the mean over none is NaN, as in the reference
         return out.fill_(float("nan"))
-    kernels.minibatch_stddev_forward(x, out, g, eps)
+    kernels.minibatch_stddev_forward(x, out, g, eps, channels_last)
     return out
+
+
+def _new_output(x: torch.Tensor, n: int, c: int, channels_last: bool) -> torch.Tensor:
+    """The uninitialized ``[N, C + 1, H, W]`` output in ``x``'s layout."""
+    return torch.empty((n, c + 1, x.shape[2], x.shape[3]), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(channels_last))
 
 
 @_mbstd_op.register_fake
 def _mbstd_op_fake(x, group_size, eps):
     n, c, _, _, _ = _dims(x, group_size)
-    return x.new_empty(n, c + 1, x.shape[2], x.shape[3])
+    return _new_output(x, n, c, is_channels_last(x))  # what dense_layout decides, without the copy
 
 
 @torch.library.custom_op("progan_fast::minibatch_stddev_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _mbstd_backward_op(grad: torch.Tensor, x: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
     triton_backend.check_device("minibatch_stddev_backward", grad, x)
-    grad, x = grad.contiguous(), x.contiguous()
     n, c, _, g, _ = _dims(x, group_size)
     if grad.shape != (n, c + 1, x.shape[2], x.shape[3]):
         raise ValueError(
             f"minibatch_stddev_backward: grad shape {tuple(grad.shape)} does not match x {tuple(x.shape)}")
-    dx = torch.empty_like(x)
+    x, channels_last = dense_layout(x)
+    grad = to_layout(grad, channels_last)
+    dx = torch.empty_like(x, memory_format=memory_format(channels_last))
     if dx.numel() == 0:
         return dx
-    kernels.minibatch_stddev_backward(grad, x, dx, g, eps)
+    kernels.minibatch_stddev_backward(grad, x, dx, g, eps, channels_last)
     return dx
 
 
 @_mbstd_backward_op.register_fake
 def _mbstd_backward_op_fake(grad, x, group_size, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=memory_format(is_channels_last(x)))
 
 
 TRITON = SimpleNamespace(minibatch_stddev=_mbstd_op, minibatch_stddev_backward=_mbstd_backward_op)

@@ -35,33 +35,37 @@ cudaError_t conv_epilogue_backward(DType dt, const void* dy, const void* y, cons
                                    int64_t n, int64_t c, int64_t p, bool activation, bool pixel_norm,
                                    bool channels_last, cudaStream_t stream);
 
-// fade_in and fade_reals: rows = N * C * H of the low-resolution tensor, wl = its width.
-cudaError_t fade_in_forward(DType dt, const void* low, const void* high, const void* alpha, void* out, int64_t rows,
-                            int64_t wl, cudaStream_t stream);
-cudaError_t fade_in_backward(DType dt, const void* grad, const void* alpha, void* d_low, void* d_high, int64_t rows,
-                             int64_t wl, cudaStream_t stream);
-cudaError_t fade_reals(DType dt, const void* x, const void* alpha, void* out, int64_t rows, int64_t wl,
-                       cudaStream_t stream);
+// fade_in and fade_reals: [n, c, hl, wl] is the low-resolution shape; every tensor dense NCHW, or
+// dense NHWC when channels_last.
+cudaError_t fade_in_forward(DType dt, const void* low, const void* high, const void* alpha, void* out, int64_t n,
+                            int64_t c, int64_t hl, int64_t wl, bool channels_last, cudaStream_t stream);
+cudaError_t fade_in_backward(DType dt, const void* grad, const void* alpha, void* d_low, void* d_high, int64_t n,
+                             int64_t c, int64_t hl, int64_t wl, bool channels_last, cudaStream_t stream);
+cudaError_t fade_reals(DType dt, const void* x, const void* alpha, void* out, int64_t n, int64_t c, int64_t hl,
+                       int64_t wl, bool channels_last, cudaStream_t stream);
 
-// blend.
+// blend: elementwise, so any layout the three tensors share.
 cudaError_t blend_forward(DType dt, const void* old_, const void* new_, const void* alpha, void* out, int64_t numel,
                           cudaStream_t stream);
 cudaError_t blend_backward(DType dt, const void* grad, const void* alpha, void* d_old, void* d_new, int64_t numel,
                            cudaStream_t stream);
 
-// downsample2x: planes = N * C; an odd last row/column of the input is ignored (forward) / gets
-// zero (backward).
-cudaError_t downsample2x_forward(DType dt, const void* x, void* y, int64_t planes, int64_t h, int64_t w,
-                                 cudaStream_t stream);
-cudaError_t downsample2x_backward(DType dt, const void* grad, void* dx, int64_t planes, int64_t h, int64_t w,
-                                  cudaStream_t stream);
+// downsample2x: [n, c, h, w] is the input's shape, both tensors dense NCHW, or dense NHWC when
+// channels_last; an odd last row/column of the input is ignored (forward) / gets zero (backward).
+cudaError_t downsample2x_forward(DType dt, const void* x, void* y, int64_t n, int64_t c, int64_t h, int64_t w,
+                                 bool channels_last, cudaStream_t stream);
+cudaError_t downsample2x_backward(DType dt, const void* grad, void* dx, int64_t n, int64_t c, int64_t h, int64_t w,
+                                  bool channels_last, cudaStream_t stream);
 
 // minibatch_stddev: group members are samples g * M + m; F = C * P features. `part` is scratch of
-// minibatch_stddev_part_count(m, f) accumulation-type values, `gs` of m values.
+// minibatch_stddev_part_count(m, f) accumulation-type values, `gs` of m values. x, dx, out and grad
+// all dense NCHW or all dense NHWC (channels_last: the stat value interleaved after each pixel's C;
+// cudaErrorInvalidValue for an NHWC sample of 2^32 features or more).
 int64_t minibatch_stddev_part_count(int64_t m, int64_t f);
 cudaError_t minibatch_stddev_forward(DType dt, const void* x, void* out, void* part, int64_t group, int64_t m,
-                                     int64_t f, int64_t p, double eps, cudaStream_t stream);
+                                     int64_t f, int64_t p, double eps, bool channels_last, cudaStream_t stream);
 cudaError_t minibatch_stddev_backward(DType dt, const void* grad, const void* x, void* gs, void* dx, int64_t group,
-                                      int64_t m, int64_t f, int64_t p, double eps, cudaStream_t stream);
+                                      int64_t m, int64_t f, int64_t p, double eps, bool channels_last,
+                                      cudaStream_t stream);
 
 }  // namespace progan::cuda

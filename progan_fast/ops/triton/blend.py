@@ -1,7 +1,8 @@
 """Triton kernels of blend (see :mod:`progan_fast.ops.blend`).
 
 The forward is one pass with ``_lerp`` (torch.lerp's formula, see :mod:`.elementwise`); the
-backward (``blend_backward``) writes both input gradients in one pass. ``alpha`` is loaded from a
+backward (``blend_backward``) writes both input gradients in one pass. Elementwise over tensors in
+one dense layout (NCHW or NHWC, the op brings them there), so a flat loop serves both. ``alpha`` is loaded from a
 0-dim tensor, so a CUDA graph replays with whatever the tensor holds.
 """
 
@@ -49,7 +50,8 @@ else:
 
 
 def blend_forward(old: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = lerp(old, new, alpha)``: contiguous tensors, ``alpha`` 0-dim."""
+    """``out = lerp(old, new, alpha)``: tensors dense in one same layout (NCHW or NHWC: a flat loop
+    either way), ``alpha`` 0-dim."""
     launch(_blend_fwd_kernel, _blend_fwd_tuned, (old, new, alpha, out, new.numel()), new.numel(), new)
 
 
