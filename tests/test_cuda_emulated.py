@@ -358,6 +358,7 @@ def test_every_kernel_against_guard_pages_at_both_ends(emu, configure_case, plac
     run_conv_epilogue(emu, shape, torch.float32, False, False, placement=placement)
     run_conv_epilogue(emu, shape, torch.float32, True, True, placement=placement, channels_last=True)
     run_conv_epilogue(emu, shape, torch.float32, True, False, placement=placement, channels_last=True)
+    run_conv_epilogue(emu, (2, 33, 3, 5), torch.float32, True, True, placement=placement, channels_last=True)
     run_fade_in(emu, (2, 3, 3, 5), torch.float32, placement)
     run_blend(emu, 999, torch.float32, placement)
     run_blend(emu, 1024, torch.float32, placement)
@@ -381,6 +382,7 @@ def test_every_kernel_runs_in_every_dtype(emu, configure_case):
         run_pixel_norm(emu, (1, 33, 2, 2), dtype, channels_last=True)
         for act, pn in [(True, True), (True, False)]:
             run_conv_epilogue(emu, (1, 3, 2, 2), dtype, act, pn)
+        run_conv_epilogue(emu, (1, 33, 2, 2), dtype, True, True, channels_last=True)
         run_fade_in(emu, (1, 2, 2, 2), dtype)
         run_blend(emu, 5, dtype)
         run_blend(emu, 64, dtype)

@@ -9,14 +9,18 @@
 // (i / s.c) % C: (i / P) % C in NCHW, i % C in NHWC). With pixel norm, and in the backward, one
 // thread owns a pixel (n, p) and walks its C channels: in NCHW consecutive threads take
 // consecutive pixels, so every load is coalesced; in NHWC a thread walks its pixel's contiguous
-// channels (correct, not coalesced across threads). The backward's bias gradient is reduced per
-// block and channel into bias_part[block, c] (no atomics: deterministic); the glue sums the few
-// rows.
+// channels (correct, not coalesced across threads). The NHWC forward with pixel norm and 32
+// channels or more instead gives each pixel a warp, whose lanes read consecutive channels and
+// reduce with shuffles. The backward's bias gradient is reduced per block and channel into
+// bias_part[block, c] (no atomics: deterministic); the glue sums the few rows.
 #include "common.cuh"
 
 namespace progan::cuda {
 namespace {
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// NHWC with pixel norm takes the warp-per-pixel forward from this many channels on.
+constexpr int64_t kWarpMinChannels = 32;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_pointwise_kernel(const T* __restrict__ conv, T* __restrict__ y,
@@ -52,6 +56,36 @@ __global__ void __launch_bounds__(kThreads) epilogue_pixel_norm_kernel(const T* 
       A v = fma_(to_acc(conv[base + ch * s.c]), scale, bias ? to_acc(bias[ch]) : A(0));
       if (activation) v = lrelu(v);
       y[base + ch * s.c] = from_acc<T>(v * rs);
+    }
+  }
+}
+
+// NHWC with pixel norm, one warp per pixel: pixel q's channels are [q * c, q * c + c). The loop over
+// pixels is uniform across a warp, so every lane reaches every shuffle.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) epilogue_pixel_norm_nhwc_kernel(const T* __restrict__ conv,
+                                                                            T* __restrict__ y,
+                                                                            const T* __restrict__ bias,
+                                                                            acc_t<T>* __restrict__ r, int64_t pixels,
+                                                                            int64_t c, acc_t<T> scale,
+                                                                            bool activation) {
+  using A = acc_t<T>;
+  const A inv_c = A(1) / A(c);
+  const int lane = threadIdx.x & 31;
+  for (int64_t q = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5); q < pixels; q += int64_t(gridDim.x) * kWarps) {
+    const int64_t base = q * c;
+    A sum = A(0);
+    for (int64_t ch = lane; ch < c; ch += 32) {
+      A v = fma_(to_acc(conv[base + ch]), scale, bias ? to_acc(bias[ch]) : A(0));
+      if (activation) v = lrelu(v);
+      sum += v * v;
+    }
+    const A rs = rsqrt_(warp_sum(sum) * inv_c + A(kPixelNormEps));
+    if (lane == 0) r[q] = rs;
+    for (int64_t ch = lane; ch < c; ch += 32) {
+      A v = fma_(to_acc(conv[base + ch]), scale, bias ? to_acc(bias[ch]) : A(0));
+      if (activation) v = lrelu(v);
+      y[base + ch] = from_acc<T>(v * rs);
     }
   }
 }
@@ -103,7 +137,10 @@ cudaError_t conv_epilogue_forward(DType dt, const void* conv, void* y, const voi
     const auto* in = static_cast<const scalar_t*>(conv);
     auto* out = static_cast<scalar_t*>(y);
     const auto* b = static_cast<const scalar_t*>(bias);
-    if (pixel_norm) {
+    if (pixel_norm && channels_last && c >= kWarpMinChannels) {
+      epilogue_pixel_norm_nhwc_kernel<scalar_t><<<grid_for(n * p, kWarps), kThreads, 0, stream>>>(
+          in, out, b, static_cast<A*>(r), n * p, c, A(scale), activation);
+    } else if (pixel_norm) {
       epilogue_pixel_norm_kernel<scalar_t><<<grid_for(n * p, kThreads), kThreads, 0, stream>>>(
           in, out, b, static_cast<A*>(r), n, c, p, ncp_strides(c, p, channels_last), A(scale), activation);
     } else {
