@@ -8,15 +8,15 @@ layouts). The layout is a constexpr (``CHANNELS_LAST``) from which the kernel ta
 the stride that is 1 is a compile-time constant: in NHWC each A tile ``[BLOCK_M, BLOCK_K]`` is
 loaded contiguous over input channels and each output tile is stored contiguous over Cout; in NCHW
 both are contiguous over pixels, and the NCHW compilation is the one from before channels-last
-(runtime stride arguments cost the fused pixel norm's widest fp32 tile a register spill on sm_90). ``upsample`` is folded into the input
-addressing (source pixel = output-space tap // 2, zero padding at the upsampled size): no
-upsampled tensor is ever written. The epilogue, in registers: ``* scale``, ``+ bias`` (None
-allowed), leaky-ReLU(0.2), and with ``pixel_norm`` (when one program's BLOCK_N = next_pow2(Cout)
-<= :data:`PIXEL_NORM_MAX_COUT` covers every output channel) the per-pixel normalization, saving
-``r = rsqrt(mean(a^2) + eps)`` per pixel (``[N, 1, H, W]``, fp32) for the backward. A 1x1 conv
-reads the weight in place (``[Cout, Cin]`` is K-contiguous): on ``[N, C, 1, 1]`` it is a plain
-GEMM; a 3x3 weight is permuted once per call to ``[k, k, Cin, Cout]`` so each tap's slab is
-Cout-contiguous.
+(runtime stride arguments cost the fused pixel norm's widest fp32 tile a register spill on sm_90).
+``upsample`` is folded into the input addressing (source pixel = output-space tap // 2, zero
+padding at the upsampled size): no upsampled tensor is ever written. The epilogue, in registers:
+``* scale``, ``+ bias`` (None allowed), leaky-ReLU(0.2), and with ``pixel_norm`` (when one
+program's BLOCK_N = next_pow2(Cout) <= :data:`PIXEL_NORM_MAX_COUT` covers every output channel)
+the per-pixel normalization, saving ``r = rsqrt(mean(a^2) + eps)`` per pixel (``[N, 1, H, W]``,
+fp32, dense in both layouts) for the backward. A 1x1 conv reads the weight in place
+(``[Cout, Cin]`` is K-contiguous): on ``[N, C, 1, 1]`` it is a plain GEMM; a 3x3 weight is
+permuted once per call to ``[k, k, Cin, Cout]`` so each tap's slab is Cout-contiguous.
 
 ``tl.dot`` accumulates in fp32. fp32 inputs follow the project's one fp32 conv precision policy,
 PyTorch's cuDNN switch (:func:`progan_fast.ops.common.fp32_conv_uses_tf32`): TF32 tensor cores
@@ -53,7 +53,8 @@ if triton is not None:
     def _conv_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, scale,
         M, Cin, H, W, Cout, OH, OW, stride_wt, stride_wc, stride_wo,
-        CHANNELS_LAST: tl.constexpr, KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, KSIZE: tl.constexpr, UPSAMPLE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        ACTIVATION: tl.constexpr,
         PIXEL_NORM: tl.constexpr, IEEE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
     ):
@@ -300,8 +301,9 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
     ieee = x.dtype in (torch.float32, torch.float64) or on_interpreter(x)  # interpreter: bf16 tl.dot is wrong
     args = (x, wk, b, y, r if pixel_norm else y, float(scale), m, cin, h, w, cout, oh, ow, *strides)
     kind = product_kind(x)
-    flags = dict(CHANNELS_LAST=channels_last, KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None, ACTIVATION=activation,
-                 PIXEL_NORM=pixel_norm, IEEE=ieee, DOT_PRECISION="tf32" if kind == "tf32" else "ieee", ACC=acc)
+    flags = dict(CHANNELS_LAST=channels_last, KSIZE=k, UPSAMPLE=upsample, HAS_BIAS=bias is not None,
+                 ACTIVATION=activation, PIXEL_NORM=pixel_norm, IEEE=ieee,
+                 DOT_PRECISION="tf32" if kind == "tf32" else "ieee", ACC=acc)
     block_n_pn = max(16, triton.next_power_of_2(cout))
     if on_interpreter(x):
         bm = min(128, max(16, triton.next_power_of_2(m)))

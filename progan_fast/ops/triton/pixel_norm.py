@@ -77,7 +77,8 @@ if triton is not None:
     ]
     # NHWC (channels contiguous): the same tiles less (32, 128, 4 warps), whose backward spills on
     # sm_90 in bf16 (8 bytes) with the channel stride 1.
-    _GPU_CONFIGS_CL = [c for c in _GPU_CONFIGS if (c.kwargs["BLOCK_C"], c.kwargs["BLOCK_P"], c.num_warps) != (32, 128, 4)]
+    _GPU_CONFIGS_CL = [c for c in _GPU_CONFIGS
+                       if (c.kwargs["BLOCK_C"], c.kwargs["BLOCK_P"], c.num_warps) != (32, 128, 4)]
     _CONFIGS = {False: _GPU_CONFIGS, True: _GPU_CONFIGS_CL}
     _pixel_norm_fwd_tuned, _pixel_norm_fwd_tuned_cl = (
         triton.autotune(_CONFIGS[cl], key=["C", "P"])(_pixel_norm_fwd_kernel) for cl in (False, True))
