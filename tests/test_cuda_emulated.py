@@ -269,12 +269,17 @@ def test_pixel_norm(emu, configure_case, shape, cap, dtype):
 
 # Channels-last: fewer than 32 channels take the strided thread-per-pixel kernels, 32 or more the
 # warp-per-pixel ones (37 and 70 leave a partial pass of lanes; 2 * 7 * 9 = 126 pixels are 16 blocks
-# of 8 warps, and a cap of 2 blocks makes the warp-stride loop take several passes).
+# of 8 warps, and a cap of 2 blocks makes the warp-stride loop take several passes; 2 * 17 * 19 = 646
+# pixels give conv_epilogue's backward three blocks, the last partial, and partial warps). 512 is
+# the widest the epilogue backward's warp kernel takes, 513 the narrowest it leaves to the strided one.
 NHWC_SHAPES = [
     pytest.param((1, 3, 5, 7), None, id="n1-c3-5x7"),
     pytest.param((2, 13, 17, 19), 2, id="n2-c13-17x19-grid2"),
     pytest.param((1, 37, 3, 5), None, id="n1-c37-3x5-warp"),
     pytest.param((2, 70, 7, 9), 2, id="n2-c70-7x9-warp-grid2"),
+    pytest.param((2, 33, 17, 19), 2, id="n2-c33-17x19-warp-grid2"),
+    pytest.param((1, 512, 1, 3), None, id="n1-c512-1x3-warp"),
+    pytest.param((1, 513, 1, 3), None, id="n1-c513-1x3"),
 ]
 
 

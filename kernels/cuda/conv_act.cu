@@ -9,18 +9,22 @@
 // (i / s.c) % C: (i / P) % C in NCHW, i % C in NHWC). With pixel norm, and in the backward, one
 // thread owns a pixel (n, p) and walks its C channels: in NCHW consecutive threads take
 // consecutive pixels, so every load is coalesced; in NHWC a thread walks its pixel's contiguous
-// channels (correct, not coalesced across threads). The NHWC forward with pixel norm and 32
-// channels or more instead gives each pixel a warp, whose lanes read consecutive channels and
-// reduce with shuffles. The backward's bias gradient is reduced per block and channel into
-// bias_part[block, c] (no atomics: deterministic); the glue sums the few rows.
+// channels (correct, not coalesced across threads). NHWC with 32 channels or more instead gives
+// each pixel a warp, whose lanes read consecutive channels and reduce with shuffles: the forward
+// with pixel norm, and the backward up to kWarpMaxChannels channels. The backward's bias gradient
+// is reduced per block and channel into bias_part[block, c] (no atomics: deterministic); the glue
+// sums the few rows.
 #include "common.cuh"
 
 namespace progan::cuda {
 namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// NHWC with pixel norm takes the warp-per-pixel forward from this many channels on.
+// NHWC takes the warp-per-pixel kernels from this many channels on (the backward up to
+// kWarpMaxChannels: its per-warp bias sums, kWarps rows of that many accumulators, are in shared
+// memory: 16 KB for float, 32 KB for double).
 constexpr int64_t kWarpMinChannels = 32;
+constexpr int kWarpMaxChannels = 512;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) epilogue_pointwise_kernel(const T* __restrict__ conv, T* __restrict__ y,
@@ -125,6 +129,51 @@ __global__ void __launch_bounds__(kThreads) epilogue_bwd_kernel(const T* __restr
     if (threadIdx.x == 0) bias_part[blockIdx.x * c + ch] = total;
   }
 }
+
+// NHWC backward, one warp per pixel. Block b covers pixels [b * kThreads, b * kThreads + kThreads)
+// as the thread-per-pixel kernel's does (one bias_part row per block); warp w takes its 32 of them
+// one at a time, its lanes over the pixel's contiguous channels, and adds g into its own row of
+// `sums` (each entry owned by one lane: no races). After a barrier the block adds the kWarps rows in
+// a fixed order into bias_part[b, ch].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) epilogue_bwd_nhwc_kernel(const T* __restrict__ dy,
+                                                                     const T* __restrict__ y,
+                                                                     const acc_t<T>* __restrict__ r,
+                                                                     T* __restrict__ g,
+                                                                     acc_t<T>* __restrict__ bias_part, int64_t pixels,
+                                                                     int64_t c, bool activation, bool pixel_norm) {
+  using A = acc_t<T>;
+  __shared__ A sums[kWarps][kWarpMaxChannels];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t ch = lane; ch < c; ch += 32) sums[warp][ch] = A(0);
+  const int64_t first = blockIdx.x * int64_t(kThreads) + warp * 32;
+  for (int i = 0; i < 32 && first + i < pixels; ++i) {  // uniform across the warp
+    const int64_t base = (first + i) * c;
+    A rs = A(0), mean_dy_y = A(0);
+    if (pixel_norm) {
+      A s = A(0);
+      for (int64_t ch = lane; ch < c; ch += 32) s += to_acc(dy[base + ch]) * to_acc(y[base + ch]);
+      mean_dy_y = warp_sum(s) / A(c);
+      rs = r[first + i];
+    }
+    for (int64_t ch = lane; ch < c; ch += 32) {
+      A v = to_acc(dy[base + ch]);
+      if (activation || pixel_norm) {
+        const A yv = to_acc(y[base + ch]);
+        if (pixel_norm) v = pixel_norm_grad(v, yv, rs, mean_dy_y);
+        if (activation) v = lrelu_grad(v, yv);
+        g[base + ch] = from_acc<T>(v);
+      }
+      sums[warp][ch] += v;
+    }
+  }
+  __syncthreads();
+  for (int64_t ch = threadIdx.x; ch < c; ch += kThreads) {
+    A total = A(0);
+    for (int w = 0; w < kWarps; ++w) total += sums[w][ch];
+    bias_part[blockIdx.x * c + ch] = total;
+  }
+}
 }  // namespace
 
 int64_t conv_epilogue_num_blocks(int64_t n, int64_t p) { return ceil_div(n * p, kThreads); }
@@ -155,7 +204,14 @@ cudaError_t conv_epilogue_backward(DType dt, const void* dy, const void* y, cons
                                    bool channels_last, cudaStream_t stream) {
   return PROGAN_CUDA_DISPATCH(dt, [&] {
     using A = acc_t<scalar_t>;
-    epilogue_bwd_kernel<scalar_t><<<static_cast<unsigned>(conv_epilogue_num_blocks(n, p)), kThreads, 0, stream>>>(
+    const auto blocks = static_cast<unsigned>(conv_epilogue_num_blocks(n, p));
+    if (channels_last && c >= kWarpMinChannels && c <= kWarpMaxChannels) {
+      epilogue_bwd_nhwc_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(y), static_cast<const A*>(r),
+          static_cast<scalar_t*>(g), static_cast<A*>(bias_part), n * p, c, activation, pixel_norm);
+      return;
+    }
+    epilogue_bwd_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(dy), static_cast<const scalar_t*>(y), static_cast<const A*>(r),
         static_cast<scalar_t*>(g), static_cast<A*>(bias_part), n, c, p, ncp_strides(c, p, channels_last), activation,
         pixel_norm);
