@@ -4,9 +4,10 @@
 // instantiated for float, double, c10::BFloat16 and c10::Half in its .cpp, which keeps the heavy
 // ATen headers out of these translation units (they build in seconds).
 //
-// Layouts are NCHW-contiguous, seen as [N, C, P] with P = H * W pixels. Reductions run in the
-// accumulation type (float, double for double) with a fixed order that does not depend on the
-// number of threads, so results are deterministic.
+// Layouts are dense NCHW or, where a twin takes `channels_last`, dense NHWC (progan/layout.h), seen
+// as [N, C, P] with P = H * W pixels. Reductions run in the accumulation type (float, double for
+// double) with a fixed order that does not depend on the number of threads, so results are
+// deterministic.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -4,7 +4,8 @@
 // (kernels/bindings/<op>.cpp) passes the current stream, so every launch is captured by a CUDA graph. None synchronizes or reads device memory on
 // the host. Each returns the launch's error (cudaSuccess, or what cudaGetLastError reports).
 //
-// Tensors are contiguous NCHW, seen as [N, C, P] with P = H * W; `alpha` points to a 0-dim device
+// Tensors are dense NCHW or, where a launcher takes `channels_last`, dense NHWC (progan/layout.h),
+// seen as [N, C, P] with P = H * W; `alpha` points to a 0-dim device
 // scalar of the accumulation type (float, double for Float64), read in-kernel so graph replays see
 // its current value.
 #pragma once
