@@ -9,7 +9,7 @@ import importlib
 
 import pytest
 import torch
-from cl_resample_helpers import (EMU_DTYPES, TOL, activation_copies, assert_in_layout_of, assert_layout, backends,
+from layout_checks import (EMU_DTYPES, TOL, activation_copies, assert_in_layout_of, assert_layout, backends,
                                  configure, emu_buffer, emu_check, emu_output, emu_read, layout_id, load_emulator,
                                  randn)
 
@@ -116,7 +116,7 @@ _COPY_BACKENDS = [b for b in ("cpu", "triton") if b in {p.values[0][0] for p in 
 
 
 # cpu: the C++ twins (a copy in the glue would be an aten::contiguous/clone event). triton: under the
-# interpreter the check is clean too (cl_resample_helpers.activation_copies says why).
+# interpreter the check is clean too (layout_checks.activation_copies says why).
 @pytest.mark.parametrize("name", _COPY_BACKENDS)
 def test_no_hidden_copy_of_a_channels_last_activation(name):
     device = "cpu" if name == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,5 @@
-"""What tests/test_channels_last_{fade_in,blend,downsample2x}.py share: the backends to run, inputs in
-either dense layout, layout assertions, the hidden-copy detector and the CUDA emulator.
+"""Channels-last test helpers, shared by tests/test_channels_last_{fade_in,blend,downsample2x}.py:
+the backends to run, inputs in either dense layout, layout assertions, the hidden-copy detector and the CUDA emulator.
 
 Not a test file (no ``test_`` prefix); the test files import it by name (tests/ is on sys.path).
 """
