@@ -479,12 +479,19 @@ def _block_sum(emu, with_barrier, seed, **checks):
 
 
 def test_missing_barrier_in_a_block_reduction_is_caught(emu):
-    for seed in range(3):
+    for seed in range(8):
         got, want = _block_sum(emu, True, seed)
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
-    for seed in range(3):  # warp 0 reads partial sums the other warps have not written: poisoned NaN
+    # Without the barrier warp 0 reads partial sums the other warps have not written yet (poisoned
+    # NaN) under most schedules; under some, every other warp happens to finish first, as it may
+    # on a GPU. A schedule depends only on the seed (configure restarts the draw), so the count is
+    # fixed; the bound leaves room for a change of scheduler, not for a blind one.
+    caught = []
+    for seed in range(8):
         got, want = _block_sum(emu, False, seed)
-        assert got != pytest.approx(want, rel=1e-5, abs=1e-5)
+        if got != pytest.approx(want, rel=1e-5, abs=1e-5):
+            caught.append(seed)
+    assert len(caught) >= 4, caught
     # Without poisoning and interleaving, shared memory still holds the partial sums of the run just
     # before on the same data (as it often does on a GPU), and the bug passes: poisoning catches it.
     _block_sum(emu, False, 0, interleave=False, poison_shared=False)

@@ -728,6 +728,9 @@ void progan_emu_configure(uint64_t seed, int interleave, int poison_shared, int 
   g_options.check_bounds = check_bounds != 0;
   g_options.check_sync = check_sync != 0;
   g_options.max_grid_blocks = max_grid_blocks;
+  // Schedules are drawn from (seed, launches since this call): what a test sees after configuring
+  // does not depend on how many launches earlier tests made in the same process.
+  progan_emu::g_launch_count = 0;
 }
 
 void* progan_emu_alloc(size_t nbytes, size_t elem_size, const char* name, int placement) {
