@@ -147,3 +147,22 @@ def test_graphed_channels_last_training_on_a_gpu_matches_eager_nchw(backend, mon
     for name in ("G", "D", "G_ema"):
         for (k, x), y in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().values()):
             torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4, msg=f"{name}.{k}")
+
+
+def test_a_run_resumes_across_the_flag_and_trains_as_the_nchw_run(tmp_path):
+    """Checkpoints do not depend on the layout: a run stopped with --channels-last resumes without
+    it, and ends where an uninterrupted NCHW run ends, within float32 rounding."""
+    from test_training import TINY, final_state
+
+    common = TINY + ["--backend", "cpu" if _native.available() else "reference"]
+    assert train.main(common + ["--out", str(tmp_path / "whole")]) == 0
+    split = str(tmp_path / "split")
+    assert train.main(common + ["--out", split, "--channels-last", "--stop-after-kimg", "0.104"]) == 0
+    assert train.main(common + ["--out", split, "--resume", "auto"]) == 0
+    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "split")
+    assert (whole["phase_index"], whole["step"], whole["images"]) == (resumed["phase_index"], resumed["step"],
+                                                                      resumed["images"])
+    for key in ("G", "D", "G_ema"):
+        for name, value in whole[key].items():
+            assert resumed[key][name].is_contiguous(), f"{key}.{name} saved in another layout"
+            torch.testing.assert_close(resumed[key][name], value, rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
