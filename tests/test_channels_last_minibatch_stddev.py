@@ -38,9 +38,11 @@ CL = torch.channels_last
 
 BACKENDS = [
     pytest.param("reference", id="reference"),
-    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
+    pytest.param("triton", id="triton", marks=[pytest.mark.skipif(
         not triton_backend.available(),
-        reason=triton_backend.why_unavailable() if triton_backend.triton else "no triton")),
+        reason=triton_backend.why_unavailable() if triton_backend.triton else "no triton"), pytest.mark.skipif(
+        torch.cuda.is_available(),  # here Triton is the interpreter on CPU tensors
+        reason="on a GPU machine tests/test_channels_last_gpu.py runs the compiled kernels on CUDA tensors")]),
     pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not _native.available(), reason=_native.why_unavailable())),
 ]
 IMPLS = {"reference": mb.reference, "triton": mb.triton_impl, "cpu": getattr(mb, "native_impl", None)}
