@@ -79,9 +79,13 @@ def activation_copies(fn, activations) -> list[str]:
 
 # ----- the CUDA kernels through the emulator (as tests/test_cuda_emulated.py) --------------------
 
-_spec = importlib.util.spec_from_file_location("progan_cuda_emulator", ROOT / "kernels" / "emulation" / "emulator.py")
-emulator = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emulator)
+# tests/test_cuda_emulated.py as a module, loaded once for every channels-last file: its kernel
+# runners (run_pixel_norm, run_minibatch_stddev, ...) take channels_last, and its emulator module is
+# the one whose EmulatedKernelError the emulators made here raise.
+_spec = importlib.util.spec_from_file_location("_progan_cuda_emulated_tests", ROOT / "tests" / "test_cuda_emulated.py")
+cuda_emulated = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_emulated)
+emulator = cuda_emulated.emulator
 
 EMU_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 #: tests/test_cuda_emulated.py's tolerances: one rounding on store in the accumulation type.
@@ -90,6 +94,8 @@ EMU_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1
 
 
 def load_emulator():
+    """The emulation library (built on first use; PROGAN_CUDA_EMULATION_LIBRARY names another build, as
+    kernels/emulation/mutants.py does). A build failure skips here and fails under CI."""
     try:
         library = os.environ.get("PROGAN_CUDA_EMULATION_LIBRARY")
         return emulator.Emulator(library) if library else emulator.Emulator.load()

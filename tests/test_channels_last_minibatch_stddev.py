@@ -18,21 +18,18 @@ channels-last inputs, and so does the penalty's double backward against the refe
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
+import layout_checks
 from progan_fast.ops import _native
 from progan_fast.ops import triton as triton_backend
 from progan_fast.ops.common import is_channels_last
 
 mb = importlib.import_module("progan_fast.ops.minibatch_stddev")
 
-ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-8
 CL = torch.channels_last
 
@@ -142,27 +139,11 @@ def _ops(backend):
 
 # ----- the CUDA kernels, through the emulator -----------------------------------------------------
 
-def _load_cuda_emulated_tests():
-    spec = importlib.util.spec_from_file_location("_progan_cuda_emulated_tests",
-                                                  ROOT / "tests" / "test_cuda_emulated.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cuda_emulated():
     """(emulator, the NCHW test file's module): its run_minibatch_stddev takes channels_last."""
-    module = _load_cuda_emulated_tests()
-    emulator = module.emulator
-    try:
-        library = os.environ.get("PROGAN_CUDA_EMULATION_LIBRARY")
-        emu = emulator.Emulator(library) if library else emulator.Emulator.load()
-    except emulator.build_module.EmulationBuildError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"the CUDA emulation did not build here: {exc}")
-    yield emu, module
+    emu = layout_checks.load_emulator()
+    yield emu, layout_checks.cuda_emulated
     emu.configure()
 
 

@@ -10,13 +10,13 @@ inside the op, forward or backward.
 """
 
 import importlib
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch.profiler import profile
 
+from layout_checks import cuda_emulated as emulated
+from layout_checks import load_emulator
 from progan_fast.ops import _native
 
 pn = importlib.import_module("progan_fast.ops.pixel_norm")
@@ -125,18 +125,9 @@ def test_no_hidden_copy(backend, channels_last):
 
 # ----- the CUDA kernels through the emulator (tests/test_cuda_emulated.py's runner) ----------------
 
-_spec = importlib.util.spec_from_file_location(
-    "_progan_cuda_emulated_tests", Path(__file__).resolve().parent / "test_cuda_emulated.py")
-emulated = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(emulated)
-
-
 @pytest.fixture(scope="module")
 def emu():
-    try:
-        e = emulated.emulator.Emulator.load()
-    except emulated.emulator.build_module.EmulationBuildError as exc:
-        pytest.skip(f"the CUDA emulation did not build here: {exc}")
+    e = load_emulator()
     yield e
     e.configure()
 
