@@ -283,21 +283,8 @@ else:
     _ALL_CONV_CONFIGS = []
 
 
-def _config_id(entry):
-    kind, bucket, cfg = entry
-    return f"{kind}{'-pn' + str(bucket) if bucket else ''}-" + "x".join(str(v) for v in cfg.kwargs.values())
-
-
-@pytest.fixture
-def gpu_launch_path(monkeypatch):
-    """The launcher's GPU path (the autotuned kernels) on CPU tensors, restricted to one config."""
-    monkeypatch.setattr(tca, "on_interpreter", lambda t: False)
-
-    def only(tuned, cfg):
-        monkeypatch.setattr(tuned, "configs", [cfg])
-        monkeypatch.setattr(tuned, "cache", {})
-
-    return only
+# The NCHW file's config ids and its fixture that makes the launcher take its GPU path on CPU tensors.
+from test_triton_conv_act import _config_id, gpu_launch_path  # noqa: E402, F401 (a fixture)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
