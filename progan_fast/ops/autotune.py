@@ -14,8 +14,10 @@ every candidate backend on those very inputs and keeps the fastest for the rest 
 - **Candidates** (:data:`CANDIDATES`): on CPU tensors ``reference`` and ``cpu``; on CUDA tensors
   ``reference``, ``cuda`` and ``triton`` (never Triton's interpreter: it is for tests). A
   candidate that is not built here, or raises on these inputs, is skipped and its reason kept.
-- **Timing** (:func:`median_seconds`): one warm-up call, then :data:`REPEATS` timed calls, the
-  median; on CUDA synchronized around each. When the inputs require grad a call is the forward
+- **Timing** (:func:`fastest_seconds`): one warm-up call, then :data:`REPEATS` timed calls, the
+  fastest; on CUDA synchronized around each. The fastest, not the median: other work on the
+  machine only ever adds time, and on a busy 2-core CPU a median of a few ms-long calls was seen
+  to pick a backend 100x "slower" than it is. When the inputs require grad a call is the forward
   plus a backward with a gradient of ones, on detached copies, so the real autograd graph is
   untouched. The clock, or the whole timer, is injectable, so tests choose winners without noise.
 - **Ties**: every candidate within :data:`TIE_TOLERANCE` of the fastest counts as tied, and the
@@ -29,7 +31,6 @@ every candidate backend on those very inputs and keeps the fastest for the rest 
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -47,7 +48,7 @@ TIE_ORDER = ("reference", "cpu", "cuda", "triton")
 #: an earlier one of TIE_ORDER, so timing noise does not flip choices between runs.
 TIE_TOLERANCE = 0.03
 WARMUP_CALLS = 1
-REPEATS = 3
+REPEATS = 5
 
 
 class AutotuneDuringCaptureError(RuntimeError):
@@ -74,7 +75,7 @@ class Choice:
     label: str  # short, for the report: the first tensor's shape and dtype, fwd or fwd+bwd
     backend: str
     source: str  # "timed", "cache" or "checkpoint"
-    ms: dict[str, float] = field(default_factory=dict)  # median per timed backend
+    ms: dict[str, float] = field(default_factory=dict)  # fastest call per timed backend
     skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it was not a candidate
 
     def record(self) -> dict:
@@ -177,10 +178,10 @@ def make_trial_call(impl: Callable, args: tuple, backward: bool) -> Callable[[],
     return run
 
 
-def median_seconds(run: Callable[[], object], clock: Callable[[], float] = time.perf_counter,
-                   sync: Callable[[], None] = lambda: None, warmup: int = WARMUP_CALLS,
-                   repeats: int = REPEATS) -> float:
-    """The median of ``repeats`` timed calls after ``warmup`` untimed ones, ``sync`` around each."""
+def fastest_seconds(run: Callable[[], object], clock: Callable[[], float] = time.perf_counter,
+                    sync: Callable[[], None] = lambda: None, warmup: int = WARMUP_CALLS,
+                    repeats: int = REPEATS) -> float:
+    """The fastest of ``repeats`` timed calls after ``warmup`` untimed ones, ``sync`` around each."""
     for _ in range(warmup):
         run()
     times = []
@@ -190,7 +191,7 @@ def median_seconds(run: Callable[[], object], clock: Callable[[], float] = time.
         run()
         sync()
         times.append(clock() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def pick(seconds: Mapping[str, float], order=TIE_ORDER, tolerance: float = TIE_TOLERANCE) -> str:
@@ -213,7 +214,7 @@ def _first_line(e: BaseException) -> str:
 class Autotuner:
     """The process's choices: a hot table by :func:`signature`, the :class:`Choice` by its string.
 
-    ``timer(trial) -> seconds`` times one candidate (default: :func:`median_seconds` of
+    ``timer(trial) -> seconds`` times one candidate (default: :func:`fastest_seconds` of
     ``trial.run`` with ``clock``, synchronized on CUDA); ``caches(device)`` gives the disk cache
     for a device or None (default: :func:`autotune_cache.for_device`, which reads
     ``PROGAN_FAST_AUTO_CACHE``); ``capturing()`` says whether a CUDA graph capture is under way.
@@ -239,8 +240,8 @@ class Autotuner:
     def _default_timer(self, trial: Trial) -> float:
         device = trial.device
         if device is not None and device.type == "cuda":
-            return median_seconds(trial.run, self.clock, lambda: torch.cuda.synchronize(device))
-        return median_seconds(trial.run, self.clock)
+            return fastest_seconds(trial.run, self.clock, lambda: torch.cuda.synchronize(device))
+        return fastest_seconds(trial.run, self.clock)
 
     def adopt(self, choices: Mapping[str, str]) -> None:
         """Use these ``{key string: backend}`` (a resumed checkpoint's) before the cache or timing."""
