@@ -275,10 +275,9 @@ def test_cuda_epilogue_emulated(emu, activation, pixel_norm, channels_last, dtyp
 if "triton" in ca.IMPLEMENTATIONS and not torch.cuda.is_available():
     from progan_fast.ops.triton import conv_act as tca
 
-    _ALL_CONV_CONFIGS = [(kind, None, cfg) for kind, cfgs in tca._CONV_CONFIGS.items() for cfg in cfgs
-                         if kind in ("ieee", "fp64")] + \
-        [(kind, bucket, cfg) for (kind, bucket), cfgs in tca._CONV_PN_CONFIGS.items() for cfg in cfgs
-         if kind in ("ieee", "fp64")]
+    # The NHWC config lists (they differ from NCHW's where a config spills in NHWC), every kind.
+    _ALL_CONV_CONFIGS = [(kind, None, cfg) for kind, cfgs in tca._CONV_CONFIGS_CL.items() for cfg in cfgs] + \
+        [(kind, bucket, cfg) for (kind, bucket), cfgs in tca._CONV_PN_CONFIGS_CL.items() for cfg in cfgs]
 else:
     _ALL_CONV_CONFIGS = []
 
@@ -290,20 +289,23 @@ from test_triton_conv_act import _config_id, gpu_launch_path  # noqa: E402, F401
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
 @pytest.mark.parametrize("entry", _ALL_CONV_CONFIGS, ids=_config_id)
 def test_every_forward_config_on_channels_last(entry, gpu_launch_path):
-    """Every config that CPU tensors can launch (the fp32 "ieee" and fp64 products; the TF32 and
-    tensor-core configs differ from them only in the dot), NHWC in and out."""
+    """Every NHWC config, NHWC in and out. CPU tensors launch the fp32 "ieee" or the fp64 product,
+    so the TF32 and tensor-core configs' tiling runs through the "ieee" kernel (their dot only
+    differs on a GPU), as the NCHW file does."""
     kind, bucket, cfg = entry
     dtype = torch.float64 if kind == "fp64" else torch.float32
+    launched = "fp64" if kind == "fp64" else "ieee"
+    plain_tuned, fused_tuned = tca._conv_fwd_tuned_by_layout[True]
     bk = cfg.kwargs["BLOCK_K"]
     cin = 2 * bk + 3 if bk > 1 else 5  # two whole channel chunks and a partial one
     if bucket is None:
         cout = cfg.kwargs["BLOCK_N"] + 5  # a second, partial output-channel tile
         opts = dict(activation=True, upsample=True, pixel_norm=False)
-        tuned = tca._conv_fwd_tuned[kind]
+        tuned = plain_tuned[launched]
     else:
         cout = bucket // 2 + 3
         opts = dict(activation=True, upsample=True, pixel_norm=True)
-        tuned = tca._conv_fwd_pn_tuned[(kind, bucket)]
+        tuned = fused_tuned[(launched, bucket)]
     gpu_launch_path(tuned, cfg)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, cin, 3, 3, generator=g, dtype=dtype).contiguous(memory_format=CL)  # M = 36

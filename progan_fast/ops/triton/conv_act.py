@@ -203,9 +203,34 @@ if triton is not None:
     _ACT_BWD_CONFIGS = [
         triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in [(8, 4), (16, 4), (32, 4), (32, 8)]
     ]
+    # NHWC: the same configs but where one spills with triton 3.6 (the GPU machines') in that layout,
+    # replaced by its BLOCK_K-halved twin (regs/spill on sm_80 with 3.6: tf32 128x16x32 255/32 B ->
+    # 128x16x16 178/0; bf16 16x128x64 255/32 B -> 16x128x32 232/0; bf16 fused pixel norm 512-wide,
+    # BLOCK_M 32 and 16 with BLOCK_K 32: 152 B and 32 B -> BLOCK_K 16 254/0 and 227/0).
+    _NHWC_REPLACEMENTS = {
+        "tf32": {(128, 16, 32, 4, 2): (128, 16, 16, 4, 2)},
+        "tensor_core": {(16, 128, 64, 4, 3): (16, 128, 32, 4, 3)},
+        ("tensor_core", 512): {(32, 32, 8, 3): (32, 16, 8, 3), (16, 32, 8, 3): (16, 16, 8, 3)},
+    }
+
+    def _nhwc_configs(key, cfgs):
+        out = []
+        for c in cfgs:
+            row = (*c.kwargs.values(), c.num_warps, c.num_stages)
+            row = _NHWC_REPLACEMENTS.get(key, {}).get(row, row)
+            out += _cfgs([row], with_n="BLOCK_N" in c.kwargs)
+        return out
+
+    _CONV_CONFIGS_CL = {kind: _nhwc_configs(kind, cfgs) for kind, cfgs in _CONV_CONFIGS.items()}
+    _CONV_PN_CONFIGS_CL = {key: _nhwc_configs(key, cfgs) for key, cfgs in _CONV_PN_CONFIGS.items()}
+    _CONV_CONFIGS_BY_LAYOUT = {False: (_CONV_CONFIGS, _CONV_PN_CONFIGS), True: (_CONV_CONFIGS_CL, _CONV_PN_CONFIGS_CL)}
     _KEY = ["M", "Cin", "Cout", "OH", "OW", "KSIZE", "UPSAMPLE", "PIXEL_NORM", "CHANNELS_LAST"]
-    _conv_fwd_tuned = {kind: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for kind, cfgs in _CONV_CONFIGS.items()}
-    _conv_fwd_pn_tuned = {k: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for k, cfgs in _CONV_PN_CONFIGS.items()}
+    # Autotuners per layout: {False: (per kind, per (kind, bucket)), True: the same for NHWC}.
+    _conv_fwd_tuned_by_layout = {
+        cl: ({kind: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for kind, cfgs in plain.items()},
+             {k: triton.autotune(cfgs, key=_KEY)(_conv_fwd_kernel) for k, cfgs in fused.items()})
+        for cl, (plain, fused) in _CONV_CONFIGS_BY_LAYOUT.items()}
+    _conv_fwd_tuned, _conv_fwd_pn_tuned = _conv_fwd_tuned_by_layout[False]
     # NHWC (channels contiguous): less (32, 4 warps), which spills on sm_90 with the channel stride 1.
     _ACT_BWD_CONFIGS_CL = [c for c in _ACT_BWD_CONFIGS if (c.kwargs["BLOCK_C"], c.num_warps) != (32, 4)]
     _ACT_BWD_CONFIGS_BY_LAYOUT = {False: _ACT_BWD_CONFIGS, True: _ACT_BWD_CONFIGS_CL}
@@ -234,14 +259,15 @@ if triton is not None:
             flags = {"HAS_BIAS": True, "ACTIVATION": True, "IEEE": kind != "tensor_core", "ACC": acc,
                      "DOT_PRECISION": "tf32" if kind == "tf32" else "ieee", "CHANNELS_LAST": channels_last}
             tag = (f"{dt}-tf32" if kind == "tf32" else dt) + cl_tag
+            conv_configs, pn_configs = _CONV_CONFIGS_BY_LAYOUT[channels_last]
             for ksize, up in ((3, True), (1, False)):
-                for cfg in _CONV_CONFIGS[kind]:
+                for cfg in conv_configs[kind]:
                     specs.append(AotSpec(
                         f"conv_fwd_k{ksize}:{tag}", _conv_fwd_kernel, sig,
                         {**flags, "KSIZE": ksize, "UPSAMPLE": up, "PIXEL_NORM": False, **cfg.kwargs},
                         cfg.num_warps, cfg.num_stages))
             for bucket in _PN_BUCKETS:
-                for cfg in _CONV_PN_CONFIGS[(kind, bucket)]:
+                for cfg in pn_configs[(kind, bucket)]:
                     specs.append(AotSpec(
                         f"conv_fwd_pn{bucket}:{tag}", _conv_fwd_kernel, sig,
                         {**flags, "KSIZE": 3, "UPSAMPLE": True, "PIXEL_NORM": True, "BLOCK_N": bucket, **cfg.kwargs},
@@ -313,11 +339,11 @@ def conv2d_bias_lrelu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch
             *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **flags)
     elif pixel_norm:
         bucket = next(b for b in _PN_BUCKETS if block_n_pn <= b)
-        _conv_fwd_pn_tuned[(kind, bucket)][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 1)](
-            *args, BLOCK_N=block_n_pn, **flags)
+        _conv_fwd_tuned_by_layout[channels_last][1][(kind, bucket)][
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 1)](*args, BLOCK_N=block_n_pn, **flags)
     else:
-        _conv_fwd_tuned[kind][lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))](
-            *args, **flags)
+        _conv_fwd_tuned_by_layout[channels_last][0][kind][
+            lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))](*args, **flags)
 
 
 def activation_backward(grad: torch.Tensor, y: torch.Tensor, r: torch.Tensor, activation: bool,
