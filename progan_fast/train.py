@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads and writes that layout directly, and the convolutions use their NHWC kernels "
                         "(cuDNN's and oneDNN's, and the Triton conv's variant that loads contiguous input "
                         "channels). Same math; sums may round in another order. Free to change on resume")
-    pr = p.add_argument_group("profiling (see README, 'Profiling')")
+    pr = p.add_argument_group("profiling (see docs/profiling.md)")
     pr.add_argument("--nvtx", action="store_true",
                     help="mark each phase of a step (data, D forward, penalty, D backward, D optimizer, G forward, "
                          "G backward, G optimizer, EMA) and every op call with NVTX ranges for Nsight Systems")
