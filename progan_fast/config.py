@@ -56,11 +56,13 @@ class TrainConfig:
     mirror: bool = False  # flip each real image left-right with probability 1/2 (x-flip augmentation)
     cond: bool = False  # class-conditional: labels from the data, one-hot into G, class logits out of D
     cond_weight: float = 1.0  # weight of D's auxiliary classification terms (the official cond_weight)
+    fit: str = "crop"  # how non-square images are made square: crop, pad or stretch (image_folder.FITS)
+    channels: int = 3  # image channels the networks make and judge: 3 (RGB) or 1 (grayscale)
 
     def network_config(self, num_classes: int = 0) -> NetworkConfig:
         """The networks' shape; ``num_classes`` (from the data, for ``cond``) makes them conditional."""
         return NetworkConfig(self.max_res, self.latent_size, self.fmap_base, self.fmap_max, self.mbstd_group_size,
-                             num_classes)
+                             num_classes, image_channels=self.channels)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +129,10 @@ def validate(config: TrainConfig, options: RunOptions) -> None:
         raise UsageError(f"--lr must be in (0, 1), not {config.lr}")
     if not (config.cond_weight >= 0.0 and math.isfinite(config.cond_weight)):
         raise UsageError(f"--cond-weight must be a non-negative number, not {config.cond_weight}")
+    if config.fit not in image_folder.FITS:
+        raise UsageError(f"--fit must be one of {', '.join(image_folder.FITS)}, not {config.fit!r}")
+    if config.channels not in (1, 3):
+        raise UsageError(f"--channels must be 1 or 3, not {config.channels!r}")
 
     for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
         if not getattr(options, name) > 0:
@@ -152,9 +158,10 @@ def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.Ima
         if config.cond:
             raise datamod.DataError("--cond needs labelled data: the embedded emoji set has no classes; pass --data "
                                     "with class subfolders or a dataset.json")
-        return datamod.load_default_dataset(config.max_res)
+        return datamod.load_default_dataset(config.max_res, config.channels)
     path = Path(config.data)
-    cache = dict(cache_dir=run_dir / "cache", progress=progress, labels=config.cond)
+    cache = dict(cache_dir=run_dir / "cache", progress=progress, labels=config.cond, fit=config.fit,
+                 channels=config.channels)
     if not path.is_file():  # a folder (or nothing there: the folder loader says so)
         return image_folder.load_image_folder(path, config.max_res, **cache)
     if path.suffix.lower() in image_folder.IMAGE_EXTENSIONS:
@@ -162,7 +169,7 @@ def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.Ima
                                 "images, or a prepared dataset (python -m progan_fast.dataset)")
     if path.suffix.lower() == ".zip" or (zipfile.is_zipfile(path) and not pyramid_file.is_prepared(path)):
         return image_folder.load_image_zip(path, config.max_res, **cache)
-    dataset = pyramid_file.load_prepared(path, config.max_res)
+    dataset = pyramid_file.load_prepared(path, config.max_res, config.fit, config.channels)
     if config.cond and dataset.labels is None:
         raise datamod.DataError(f"--cond needs labels, and the prepared dataset {path} has none; prepare it again "
                                 "with python -m progan_fast.dataset ... --labels")

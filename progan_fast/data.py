@@ -3,9 +3,9 @@
 Leaf module: depends only on torch, numpy and Pillow. Image folders are decoded into the same
 :class:`ImageDataset` by :mod:`progan_fast.image_folder`.
 
-Every dataset is held in memory as uint8 tensors ``[N, 3, res, res]``, one per
-power-of-two resolution from 4 up to ``max_res``.  The top level is decoded from
-the files (centre crop to square, Lanczos resize); each lower level is the exact
+Every dataset is held in memory as uint8 tensors ``[N, C, res, res]`` (C = 3, RGB, or 1,
+grayscale), one per power-of-two resolution from 4 up to ``max_res``.  The top level is decoded
+from the files (made square by centre crop, padding or stretching; Lanczos resize); each lower level is the exact
 2x2 average of the already-quantised level above, rounded with ``rint`` and
 clipped, as in the official ProGAN ``dataset_tool.py``.
 """
@@ -52,17 +52,24 @@ class DataError(Exception):
 
 @dataclass
 class ImageDataset:
-    levels: dict[int, torch.Tensor]  # res -> uint8 [N, 3, res, res], contiguous, for 4..max_res
+    levels: dict[int, torch.Tensor]  # res -> uint8 [N, C, res, res] (C: 3 or 1), contiguous, for 4..max_res
     source: str
     summary: str
     from_cache: bool = False  # True when the levels were read from the cache file
     labels: Optional[torch.Tensor] = None  # int64 [N]: each image's class, when the source has labels
     class_names: Optional[list[str]] = None  # class k's name (with labels)
+    fit: str = "crop"  # how non-square images were made square (image_folder.FITS)
+    single_channel_source: bool = False  # every source image is grayscale (whatever channels it was decoded to)
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def max_res(self) -> int:
         return max(self.levels)
+
+    @property
+    def channels(self) -> int:
+        """3 (RGB) or 1 (grayscale)."""
+        return int(self.levels[self.max_res].shape[1])
 
     def __len__(self) -> int:
         return int(self.levels[self.max_res].shape[0])
@@ -145,7 +152,7 @@ def _downsample2x(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
 
 
 def build_pyramid(top: torch.Tensor) -> dict[int, torch.Tensor]:
-    """top: uint8 [N, 3, R, R] -> {R: top, R/2: ..., ..., 4: ...}."""
+    """top: uint8 [N, C, R, R] -> {R: top, R/2: ..., ..., 4: ...}."""
     res = int(top.shape[-1])
     levels = {res: top.contiguous()}
     cur = levels[res]
@@ -167,8 +174,9 @@ def _asset(name: str):
     return resources.files(__package__ or "progan_fast") / "assets" / name
 
 
-def load_default_dataset(max_res: int) -> ImageDataset:
-    """The embedded 64x64 Noto emoji set (see progan_fast/assets/NOTICE.md)."""
+def load_default_dataset(max_res: int, channels: int = 3) -> ImageDataset:
+    """The embedded 64x64 Noto emoji set (see progan_fast/assets/NOTICE.md); with ``channels=1``
+    its luma (Pillow's ``convert("L")``)."""
     check_resolution(max_res)
     if max_res > _DEFAULT_TILE:
         raise DataError(
@@ -181,6 +189,8 @@ def load_default_dataset(max_res: int) -> ImageDataset:
         with Image.open(io.BytesIO(png_bytes)) as im:
             im.load()
             atlas = np.asarray(im.convert("RGB"))
+            if channels == 1:
+                atlas = np.asarray(Image.fromarray(atlas, "RGB").convert("L"))[:, :, None]
         n, tile, cols = int(meta["tiles"]), int(meta["tile_size"]), int(meta["columns"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(
@@ -191,11 +201,12 @@ def load_default_dataset(max_res: int) -> ImageDataset:
     if tile != _DEFAULT_TILE or atlas.shape[0] < rows * tile or atlas.shape[1] < cols * tile:
         raise DataError(f"the embedded dataset (progan_fast/assets/{_ASSET_PNG}) is inconsistent with its metadata")
     # [rows*T, cols*T, 3] -> [rows, cols, T, T, 3] -> [rows*cols, 3, T, T] -> first n tiles
-    grid = atlas[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile, 3)
-    tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, tile, tile)[:n]
+    c = atlas.shape[2]
+    grid = atlas[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile, c)
+    tiles = grid.transpose(0, 2, 4, 1, 3).reshape(rows * cols, c, tile, tile)[:n]
     top = torch.from_numpy(np.ascontiguousarray(tiles))
     levels = build_pyramid(top)
     levels = {r: t for r, t in levels.items() if r <= max_res}
     source = f"embedded Noto emoji ({n:,} images)"
-    summary = f"loaded {plural(n, 'image')} from the embedded Noto emoji dataset ({tile}x{tile})"
+    summary = f"loaded {plural(n, 'image')} from the embedded Noto emoji dataset ({tile}x{tile}{', gray' if c == 1 else ''})"
     return ImageDataset(levels=levels, source=source, summary=summary)

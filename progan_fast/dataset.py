@@ -1,10 +1,12 @@
 """Prepare a dataset once: ``python -m progan_fast.dataset SRC --out FILE --max-res R``.
 
 Decodes every image of SRC (a folder, searched recursively, or a zip archive) exactly as training
-does (center crop, Lanczos resize to R, the 2x2-average pyramid down to 4x4), and writes the
+does (made square by --fit, center crop by default; Lanczos resize to R; RGB, or gray with
+--channels 1; the 2x2-average pyramid down to 4x4), and writes the
 pyramid to FILE, with each image's class when asked (``--labels``, for ``--cond``). ``python -m progan_fast.train --data FILE`` then trains from it without decoding
 again, memory-mapped, so host memory stays bounded for datasets larger than RAM; any
-``--max-res`` up to R works (the lower levels are the pyramid's, as in the official tfrecords).
+``--max-res`` up to R works (the lower levels are the pyramid's, as in the official tfrecords). The
+file records its ``--fit`` and ``--channels``; training must name the same ones.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store each image's class (for --cond): from SRC's dataset.json "
                         '({"labels": [["relative/path.png", 3], ...]}), or else from the class subfolders of SRC '
                         "(sorted folder names)")
+    p.add_argument("--fit", choices=image_folder.FITS, default="crop",
+                   help="how non-square images become square: crop keeps the centred square, pad keeps the whole "
+                        "image centred on a square of its border's mean colour, stretch resizes it to the square. "
+                        "Training from the file must pass the same --fit")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                   help="3 stores RGB; 1 stores one channel (a colour image's luma) for --channels 1 training")
     p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists (otherwise refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -50,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--out {out} is a folder; name the file to write")
         src = Path(args.src).expanduser()
         load = image_folder.load_image_zip if src.is_file() else image_folder.load_image_folder
-        dataset = load(src, args.max_res, cache_dir=None, progress=not args.no_progress, labels=args.labels)
+        dataset = load(src, args.max_res, cache_dir=None, progress=not args.no_progress, labels=args.labels,
+                       fit=args.fit, channels=args.channels)
         pyramid_file.prepare(dataset, out)
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

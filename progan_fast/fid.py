@@ -59,7 +59,8 @@ def inception_weights_path() -> Path:
 
 
 class InceptionFeatures:
-    """The standard FID Inception network: uint8 images ``[N, 3, H, W]`` -> float64 ``[N, 2048]``."""
+    """The standard FID Inception network: uint8 images ``[N, 3, H, W]`` -> float64 ``[N, 2048]``;
+    grayscale images ``[N, 1, H, W]`` are given to it as RGB with three equal channels."""
 
     def __init__(self, device: str | torch.device = "cpu", verify: bool = True) -> None:
         path = inception_weights_path()
@@ -75,8 +76,10 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images_uint8: torch.Tensor, batch: int = 32) -> torch.Tensor:
-        if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1] != 3:
-            raise ValueError("expected uint8 images [N, 3, H, W]")
+        if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4 or images_uint8.shape[1] not in (1, 3):
+            raise ValueError("expected uint8 images [N, 3, H, W] or [N, 1, H, W]")
+        if images_uint8.shape[1] == 1:  # Inception is an RGB network: a gray image is R = G = B
+            images_uint8 = images_uint8.expand(-1, 3, -1, -1)
         feats = []
         for chunk in images_uint8.split(batch):
             x = chunk.to(self.device).float()

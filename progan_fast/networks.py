@@ -53,12 +53,15 @@ class NetworkConfig:
     fmap_max: int = 512
     mbstd_group_size: int = 4
     num_classes: int = 0  # 0: unconditional
+    image_channels: int = 3  # of the images G makes (toRGB's outputs) and D reads (fromRGB's inputs): 3 or 1
 
     def __post_init__(self) -> None:
         if self.max_res < 4 or self.max_res & (self.max_res - 1):
             raise ValueError(f"max_res must be a power of two >= 4, got {self.max_res}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.image_channels < 1:
+            raise ValueError(f"image_channels must be >= 1, got {self.image_channels}")
 
     def nf(self, stage: int) -> int:
         return max(1, min(int(self.fmap_base / 2.0**stage), self.fmap_max))
@@ -143,7 +146,7 @@ class Generator(nn.Module):
         self.input = GeneratorInput(config.latent_size + config.num_classes, c4)
         self.conv4 = EqualizedConv2d(c4, c4, 3, pixel_norm=True)
         self.blocks = nn.ModuleDict()
-        self.to_rgb = nn.ModuleDict({"4": EqualizedConv2d(c4, 3, 1, gain=1.0, activation=False)})
+        self.to_rgb = nn.ModuleDict({"4": EqualizedConv2d(c4, config.image_channels, 1, gain=1.0, activation=False)})
         for res in config.resolutions()[1:]:
             self._add_resolution(res)
 
@@ -153,11 +156,11 @@ class Generator(nn.Module):
             EqualizedConv2d(cin, cout, 3, pixel_norm=True, upsample=True),
             EqualizedConv2d(cout, cout, 3, pixel_norm=True),
         )
-        self.to_rgb[str(res)] = EqualizedConv2d(cout, 3, 1, gain=1.0, activation=False)
+        self.to_rgb[str(res)] = EqualizedConv2d(cout, self.config.image_channels, 1, gain=1.0, activation=False)
 
     def forward(self, z: torch.Tensor, res: int, alpha: Alpha | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Images ``[N, 3, res, res]`` from latents ``[N, latent_size]`` (and, conditional, class
+        """Images ``[N, C, res, res]`` (C = ``config.image_channels``) from latents ``[N, latent_size]`` (and, conditional, class
         ``labels`` ``[N]``).
 
         ``alpha`` is None in a stabilize phase (new path only) and the fade weight in a fade phase.
@@ -230,7 +233,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self.config = config
         self.memory_format = torch.contiguous_format  # of the activations: use_channels_last
-        self.from_rgb = nn.ModuleDict({"4": EqualizedConv2d(3, config.channels(4), 1)})
+        self.from_rgb = nn.ModuleDict({"4": EqualizedConv2d(config.image_channels, config.channels(4), 1)})
         self.blocks = nn.ModuleDict()
         for res in config.resolutions()[1:]:
             self._add_resolution(res)
@@ -238,14 +241,14 @@ class Discriminator(nn.Module):
 
     def _add_resolution(self, res: int) -> None:
         c, c_next = self.config.channels(res), self.config.channels(res // 2)
-        self.from_rgb[str(res)] = EqualizedConv2d(3, c, 1)
+        self.from_rgb[str(res)] = EqualizedConv2d(self.config.image_channels, c, 1)
         self.blocks[str(res)] = nn.Sequential(EqualizedConv2d(c, c, 3), EqualizedConv2d(c, c_next, 3))
 
     def _block(self, res: int, x: torch.Tensor) -> torch.Tensor:
         return ops.downsample2x(self.blocks[str(res)](x))
 
     def forward(self, img: torch.Tensor, res: int, alpha: Alpha | None = None) -> torch.Tensor:
-        """Logits ``[N]`` for images ``[N, 3, res, res]`` (conditional: ``[N, 1 + num_classes]``, the
+        """Logits ``[N]`` for images ``[N, C, res, res]`` (conditional: ``[N, 1 + num_classes]``, the
         score then the class logits); ``alpha`` as in :meth:`Generator.forward`."""
         if self.memory_format != torch.contiguous_format:
             img = img.contiguous(memory_format=self.memory_format)  # a no-op for G's channels-last fakes

@@ -38,6 +38,10 @@ from .networks import load_grown_state_dict
 from .schedule import Phase
 
 
+#: Settings newer than some checkpoints, with the value those checkpoints were trained with.
+SETTINGS_ADDED_LATER = {"fit": "crop", "channels": 3}
+
+
 class RunFolder:
     """The folder ``path`` of one run, read and written by one trainer (rank 0 writes)."""
 
@@ -99,7 +103,7 @@ class RunFolder:
             raise CheckpointError(f"checkpoint {path} holds no valid run config ({e})") from None
         _check_same_run(ckpt_config, config, f"checkpoint {path}")
         # Also refuses settings this version does not know (from_dict above drops them silently).
-        check_compatible(state, config.to_dict(), ignore=("max_res",), path=path)
+        check_compatible(state, config.to_dict(), ignore=("max_res",), path=path, defaults=SETTINGS_ADDED_LATER)
         self.log(f"resuming from {path}")
         state["_path"] = str(path)
         return state

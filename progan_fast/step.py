@@ -229,7 +229,7 @@ class Iteration:
         self.local_batch = batch // world.size
         self.images = images
         self.batch_buffer = None if images is not None else torch.empty(
-            (self.local_batch, 3, res, res), dtype=torch.uint8, device=device)
+            (self.local_batch, state.config.image_channels, res, res), dtype=torch.uint8, device=device)
         if (labels is not None) != (state.config.num_classes > 0):
             raise ValueError("labels are needed exactly when the networks are conditional")
         self.labels = labels

@@ -151,6 +151,7 @@ class SWD:
         if reals_uint8.dtype != torch.uint8 or reals_uint8.ndim != 4 or reals_uint8.shape[-1] != reals_uint8.shape[-2]:
             raise ValueError("reals must be uint8 [N, C, res, res]")
         self.res = int(reals_uint8.shape[-1])
+        self.channels = int(reals_uint8.shape[1])  # each channel is normalised on its own (_finalize)
         self.count = int(reals_uint8.shape[0])
         self.resolutions = pyramid_resolutions(self.res)
         self.nhood = min(nhood_size, self.res)
@@ -174,9 +175,9 @@ class SWD:
     def distance(self, fakes_uint8: torch.Tensor) -> dict[str, float]:
         """``{"SWDx1e3_<res>": ..., "SWDx1e3_avg": ...}`` between the reals and ``fakes_uint8``
         (uint8, the same shape as the reals)."""
-        if fakes_uint8.dtype != torch.uint8 or tuple(fakes_uint8.shape[1:]) != (3, self.res, self.res) \
+        if fakes_uint8.dtype != torch.uint8 or tuple(fakes_uint8.shape[1:]) != (self.channels, self.res, self.res) \
                 or fakes_uint8.shape[0] != self.count:
-            raise ValueError(f"fakes must be uint8 [{self.count}, 3, {self.res}, {self.res}], "
+            raise ValueError(f"fakes must be uint8 [{self.count}, {self.channels}, {self.res}, {self.res}], "
                              f"got {fakes_uint8.dtype} {list(fakes_uint8.shape)}")
         fake = self._describe(fakes_uint8, self.seed + 1)
         gen = torch.Generator().manual_seed(self.seed + 2)
@@ -228,7 +229,7 @@ def generate_uint8(G, n: int, res: int, alpha: float | None, seed: int, device=N
 def swd_for_generator(G, reals_uint8: torch.Tensor, res: int, alpha: float | None, n: int = DEFAULT_SWD_IMAGES,
                       seed: int = 0, fake_labels: torch.Tensor | None = None) -> dict[str, float]:
     """SWD between ``n`` samples of ``G`` (give it the EMA generator) at ``res``/``alpha`` and ``n``
-    images of ``reals_uint8`` (the dataset's uint8 level at ``res``, ``[N, 3, res, res]``); a
+    images of ``reals_uint8`` (the dataset's uint8 level at ``res``, ``[N, C, res, res]``); a
     conditional ``G`` gets the fakes' ``n`` class labels.
 
     The hook for logging during training: every call with the same arguments gives the same

@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError
 from .cli import TrainingDiverged, UsageError, resolve_device
 from .config import PRESETS, RunOptions, TrainConfig
 from .data import DataError
+from .image_folder import FITS
 from .losses import LOSSES
 from .profiling import parse_window
 from .run_log import PROFILE_SKIP_STEPS
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and run folder")
     g.add_argument("--data", metavar="DIR|ZIP|FILE", default=None,
                    help="a folder of images (searched recursively: png, jpg, webp, bmp) or a zip archive of them, "
-                        "read in place; they are center-cropped, resized to --max-res once and cached in the run "
+                        "read in place; they are made square (--fit), resized to --max-res once and cached in the run "
                         "folder. Or a prepared dataset (python -m progan_fast.dataset), used as it is, memory-mapped. "
                         "Default: the embedded emoji set (64x64)")
     g.add_argument("--out", metavar="DIR", type=Path, default=None,
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="x-flip augmentation: flip each real image left-right with probability 1/2, drawn on the "
                         "device every step (the official code's mirror_augment, used for CelebA-HQ and LSUN; for "
                         "data whose subjects have no preferred side)")
+
+    add_image_arguments(p)
 
     r = p.add_argument_group("execution")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -154,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say how the data's images are turned into training images (docs/data.md)."""
+    d = p.add_argument_group("images (see docs/data.md; part of the run's settings, a resume must repeat them)")
+    d.add_argument("--fit", choices=FITS, default="crop",
+                   help="how a non-square image becomes square: crop keeps its centred square (the shorter side); "
+                        "pad keeps the whole image, centred on a square of its border's mean colour (images whose "
+                        "longer side reaches --max-res are used); stretch resizes it to the square, changing its "
+                        "aspect ratio. Part of the data cache's identity; a prepared dataset must have been made "
+                        "with the same --fit")
+    d.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                   help="3 trains RGB networks; 1 trains single-channel (grayscale) ones: G makes and D reads one "
+                        "channel, color images are converted to their luma, samples are grayscale PNGs")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     preset = PRESETS[args.preset]
 
@@ -177,6 +194,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         mirror=args.mirror,
         cond=args.cond,
         cond_weight=args.cond_weight,
+        fit=args.fit,
+        channels=args.channels,
     )
 
 

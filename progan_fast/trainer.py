@@ -111,6 +111,9 @@ class Trainer:
         self.phases = build_schedule(config.max_res, config.kimg_per_phase, config.batch)
         self._check_batch_split()
         self.dataset = self._load_data()
+        if config.channels == 3 and self.dataset.single_channel_source:
+            self.log(f"note: every image in {self.dataset.source} is grayscale; it is trained as RGB (three equal "
+                     f"channels). To train single-channel networks, start a new run with --channels 1")
 
         self.class_names = self.dataset.class_names if config.cond else None
         # Conditional: every image's class on the device, for the reals' labels and the fakes' draws.

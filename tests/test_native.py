@@ -123,6 +123,8 @@ CONV_CASES = [  # (x shape, Cout, k, activation, upsample, pixel_norm)
     ((5, 4, 1, 1), 64, 1, True, False, True),
     ((2, 6, 8, 8), 3, 1, False, False, False),
     ((2, 4, 3, 5), 7, 3, True, True, False),
+    ((2, 6, 8, 8), 1, 1, False, False, False),  # --channels 1: toRGB to one channel
+    ((2, 1, 8, 8), 7, 1, True, False, False),  # and fromRGB from one
 ]
 
 

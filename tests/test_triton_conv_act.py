@@ -26,6 +26,8 @@ CASES = {
     "up_pn_nobias": ((1, 6, 4, 4), 5, 3, True, True, True, False),
     "to_rgb_1x1": ((2, 5, 8, 8), 3, 1, False, False, False, True),
     "dense_pn": ((2, 32, 1, 1), 48, 1, False, True, True, True),
+    "to_gray_1x1": ((2, 5, 8, 8), 1, 1, False, False, False, True),  # --channels 1: toRGB to one channel
+    "from_gray_1x1": ((2, 1, 8, 8), 6, 1, False, False, True, True),  # and fromRGB from one
 }
 
 
