@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import augment as augmentmod
 from . import data as datamod
 from . import image_folder, pyramid_file
 from .cli import UsageError
@@ -58,6 +59,8 @@ class TrainConfig:
     cond_weight: float = 1.0  # weight of D's auxiliary classification terms (the official cond_weight)
     fit: str = "crop"  # how non-square images are made square: crop, pad or stretch (image_folder.FITS)
     channels: int = 3  # image channels the networks make and judge: 3 (RGB) or 1 (grayscale)
+    augment: str | None = None  # DiffAugment transforms D sees every image through, e.g. "color,translation,cutout"
+    augment_p: float | str = 1.0  # the probability of each transform per image, or "ada" (adapted)
 
     def network_config(self, num_classes: int = 0) -> NetworkConfig:
         """The networks' shape; ``num_classes`` (from the data, for ``cond``) makes them conditional."""
@@ -133,6 +136,12 @@ def validate(config: TrainConfig, options: RunOptions) -> None:
         raise UsageError(f"--fit must be one of {', '.join(image_folder.FITS)}, not {config.fit!r}")
     if config.channels not in (1, 3):
         raise UsageError(f"--channels must be 1 or 3, not {config.channels!r}")
+    try:
+        if config.augment is not None:
+            augmentmod.parse_policy(config.augment)
+        augmentmod.parse_p(str(config.augment_p))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     for name in ("log_kimg", "sample_kimg", "checkpoint_kimg"):
         if not getattr(options, name) > 0:

@@ -39,7 +39,7 @@ from .schedule import Phase
 
 
 #: Settings newer than some checkpoints, with the value those checkpoints were trained with.
-SETTINGS_ADDED_LATER = {"fit": "crop", "channels": 3}
+SETTINGS_ADDED_LATER = {"fit": "crop", "channels": 3, "augment": None, "augment_p": 1.0}
 
 
 class RunFolder:
@@ -116,7 +116,8 @@ class RunFolder:
 
     def write_checkpoint(self, state: GANState, config: TrainConfig, phase_index: int, step: int, images: int,
                          data_fingerprint: str, device: torch.device, keep: int,
-                         auto_choices: dict[str, str] | None = None, class_names: list[str] | None = None) -> Path:
+                         auto_choices: dict[str, str] | None = None, class_names: list[str] | None = None,
+                         augment_state: dict | None = None) -> Path:
         """Write the checkpoint at ``images`` shown (schedule position ``phase_index``, ``step``)
         and delete all but the newest ``keep``. ``auto_choices`` (``--backend auto``'s
         ``{op signature: backend}``) are kept so that a resume computes every op as before."""
@@ -140,6 +141,8 @@ class RunFolder:
         }
         if auto_choices is not None:
             payload["auto_choices"] = dict(auto_choices)
+        if augment_state is not None:  # --augment's probability (ADA moves it) and ADA's running statistic
+            payload["augment"] = augment_state
         return save_checkpoint(self.checkpoints, images, payload, keep=keep)
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import losses, ops
+from .augment import Augment
 from .data import mirror, to_float
 from .gan_state import DeviceLossScaler, GANState
 from .ops.common import Alpha
@@ -114,7 +115,8 @@ def _check_gradients(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) 
 
 
 def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | None,
-               real_labels: torch.Tensor | None = None, label_pool: torch.Tensor | None = None) -> StepLosses:
+               real_labels: torch.Tensor | None = None, label_pool: torch.Tensor | None = None,
+               augment: Augment | None = None) -> StepLosses:
     """One D step, one G step and the EMA update on a float batch of (already faded) reals.
 
     ``reals`` is this rank's slice of the global batch (the whole batch for one rank). Returns
@@ -123,6 +125,10 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     Conditional networks also take ``real_labels`` (the reals' classes) and ``label_pool``, the
     dataset's labels on the device: each fake's class is the label of a uniformly drawn image, so
     fake classes follow the real label distribution (the official ``get_random_labels``).
+
+    ``augment`` (``--augment``): every image D sees -- reals, fakes, the penalty's mixes, in the D
+    and the G step -- goes through it first (:mod:`progan_fast.augment`), and with ``--augment-p
+    ada`` D's scores on the reals adjust its probability.
     """
     G, D, world = state.G, state.D, state.world
     D_train, G_train = state.D_train or D, state.G_train or G
@@ -138,8 +144,16 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
             return None
         return world.take(label_pool[torch.randint(label_pool.shape[0], (global_batch,), device=reals.device)])
 
-    def critic(net: nn.Module):
-        return lambda x: net(x, res, alpha).float()
+    def critic(net: nn.Module, watch_reals: bool = False):
+        if augment is None:
+            return lambda x: net(x, res, alpha).float()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = net(augment(x, global_batch, world.take), res, alpha).float()
+            if watch_reals and x is reals:  # D's scores on this step's reals: ADA's overfitting statistic
+                augment.observe(losses.split_outputs(out)[0], global_batch, world.sum_)
+            return out
+        return run
 
     # D step. The "D forward" range holds G's fakes, D on reals and fakes, and the penalty.
     with nvtx_range("D forward"):
@@ -152,7 +166,8 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
             if state.loss in losses.PENALIZED:  # drawn here (not in the loss) so that ranks can slice it
                 mix = world.take(torch.rand(global_batch, 1, 1, 1, device=reals.device, dtype=reals.dtype))
             scale = state.scaler_D.scale if state.scaler_D is not None else None
-            d_loss, stats = losses.discriminator_loss(state.loss, critic(D_train), reals, fakes, grad_scale=scale, mix=mix,
+            d_loss, stats = losses.discriminator_loss(state.loss, critic(D_train, watch_reals=True), reals, fakes,
+                                                      grad_scale=scale, mix=mix,
                                                       real_labels=real_labels, fake_labels=labels_d,
                                                       cond_weight=state.cond_weight)
     state.opt_D.zero_grad(set_to_none=True)
@@ -175,6 +190,8 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
     with nvtx_range("EMA"), torch.no_grad():
         ema, model = state.ema_parameters(res)  # the layers grown so far: the others are equal (see there)
         torch._foreach_lerp_(ema, model, 1.0 - state.ema_beta)
+    if augment is not None:
+        stats["augment_p"] = augment.p.detach().clone()  # logged as the window's mean (ADA moves it)
     return StepLosses(d_loss.detach(), g_loss.detach(), stats, torch.maximum(d_bad, g_bad))
 
 
@@ -221,7 +238,8 @@ class Iteration:
     """
 
     def __init__(self, state: GANState, res: int, batch: int, fade: bool, device: torch.device,
-                 images: torch.Tensor | None, mirror: bool = False, labels: torch.Tensor | None = None) -> None:
+                 images: torch.Tensor | None, mirror: bool = False, labels: torch.Tensor | None = None,
+                 augment: Augment | None = None) -> None:
         world = state.world
         if batch % world.size:
             raise ValueError(f"the global batch {batch} does not split evenly across {world.size} ranks")
@@ -233,6 +251,7 @@ class Iteration:
         if (labels is not None) != (state.config.num_classes > 0):
             raise ValueError("labels are needed exactly when the networks are conditional")
         self.labels = labels
+        self.augment = augment
         # With staged batches, the indices of this rank's rows (the reals' labels are gathered on the device).
         self.batch_index = torch.zeros(self.local_batch, dtype=torch.int64, device=device) \
             if labels is not None and images is None else None
@@ -285,7 +304,7 @@ class Iteration:
                 flip = self.state.world.take(torch.rand(self.batch, device=batch.device) < 0.5)
                 batch = mirror(batch, flip)
             reals = fade_reals(to_float(batch), alpha)
-        out = train_step(self.state, reals, self.res, alpha, real_labels, self.labels)
+        out = train_step(self.state, reals, self.res, alpha, real_labels, self.labels, self.augment)
         bad = out.non_finite
         for name, value in out.as_dict().items():
             value = torch.where(bad > 0, 0.0, value.detach().float())  # a NaN must not poison the sum

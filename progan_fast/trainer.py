@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import augment as augmentmod
 from . import distributed, ops, profiling
 from .cli import TrainingDiverged, UsageError, resolve_device
 from .config import RunOptions, TrainConfig, load_data, validate
@@ -126,9 +127,13 @@ class Trainer:
         )
         self.phase_index, self.step = 0, 0
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
+        self.augment = None if config.augment is None else augmentmod.Augment(
+            augmentmod.parse_policy(config.augment), config.augment_p, self.device)
         if checkpoint is not None:
             self.phase_index, self.step = restore(checkpoint, self.state, config, self.dataset, self.phases,
                                                   self.device, self.log)
+            if self.augment is not None and checkpoint.get("augment") is not None:
+                self.augment.load_state_dict(checkpoint["augment"])
             if self.backend == "auto" and checkpoint.get("auto_choices"):
                 ops.autotune.TUNER.adopt(checkpoint["auto_choices"])
                 self.log(f"backend auto: reusing the checkpoint's {len(checkpoint['auto_choices'])} choices")
@@ -201,7 +206,8 @@ class Trainer:
         auto = ops.autotune.TUNER.saved_choices() if self.backend == "auto" else None
         return self.folder.write_checkpoint(self.state, self.config, self.phase_index, self.step, self.images_done(),
                                             self.dataset.fingerprint(), self.device, keep=self.options.keep_checkpoints,
-                                            auto_choices=auto, class_names=self.class_names)
+                                            auto_choices=auto, class_names=self.class_names,
+                                            augment_state=None if self.augment is None else self.augment.state_dict())
 
     def run(self) -> Path:
         """Train until the schedule ends, ``--stop-after-kimg`` is reached or Ctrl-C; returns the run dir."""
@@ -262,7 +268,7 @@ class Trainer:
                     self.state.reset_optimizers()
                 self.state.wrap_data_parallel(self.world, self.device, phase.res, phase.fading)
                 iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images,
-                                      mirror=self.config.mirror, labels=self.labels)
+                                      mirror=self.config.mirror, labels=self.labels, augment=self.augment)
                 iteration_phase = self.phase_index
                 bar.set_description(f"{phase.res}px {phase.name}")
             alpha = phase.alpha(self.step)

@@ -61,7 +61,8 @@ LAYERS = (
     Layer("command-line errors", ("cli",)),
     Layer("image folders", ("image_folder",)),
     Layer("dataset labels and pyramid files", ("labels", "pyramid_file")),
-    Layer("leaves", ("__init__", "data", "schedule", "checkpoint", "images", "profiling", "distributed", "swd", "fid")),
+    Layer("leaves", ("__init__", "data", "schedule", "checkpoint", "images", "profiling", "distributed", "swd", "fid",
+                     "augment")),
 )
 
 #: Imported names that are not Python modules of the package.
