@@ -101,7 +101,7 @@ def test_mirroring_never_changes_labels(monkeypatch):
     labels = torch.tensor([3, 0, 4, 1, 2])  # image i has class labels[i]
     seen = []
 
-    def record(state_, reals, res, alpha, real_labels, pool):
+    def record(state_, reals, res, alpha, real_labels, pool, augment=None):
         seen.append((reals.clone(), real_labels.clone()))
         zero = torch.zeros(())
         return StepLosses(zero, zero, {}, zero)
