@@ -173,7 +173,8 @@ class Augment:
         self.steps.add_(1)
         due = (self.steps % ADA_INTERVAL) == 0
         r_t = self.signs[0] / self.signs[1].clamp_min(1.0)
-        adjusted = (self.p + torch.sign(r_t - ADA_TARGET) * (batch * ADA_INTERVAL / (ADA_KIMG * 1000.0))).clamp(0.0, 1.0)
+        step = batch * ADA_INTERVAL / (ADA_KIMG * 1000.0)
+        adjusted = (self.p + torch.sign(r_t - ADA_TARGET) * step).clamp(0.0, 1.0)
         self.p.copy_(torch.where(due, adjusted, self.p))
         self.signs.mul_((~due).float())
 

@@ -2,7 +2,8 @@
 
 :func:`load_image_folder` scans the folder (recursively; png, jpg, webp, bmp), decodes the files on
 a few threads (made square by ``fit``: centre crop, pad or stretch; Lanczos resize to ``max_res``;
-alpha composited over white, 16-bit scaled to 8-bit; RGB, or one channel with ``channels=1``), skips and counts the files it cannot use, and builds the pyramid with
+alpha composited over white, 16-bit scaled to 8-bit; RGB, or one channel with ``channels=1``),
+skips and counts the files it cannot use, and builds the pyramid with
 :func:`progan_fast.data.build_pyramid`. The decoded pyramid is cached in a file keyed on the
 folder's names, sizes and mtimes, written atomically and memory-mapped when read back.
 :func:`load_image_zip` does the same for the image members of a zip archive, read from the archive
