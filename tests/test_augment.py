@@ -184,3 +184,23 @@ def test_cli_refuses_bad_settings_and_a_changed_policy_on_resume(tmp_path, capsy
     assert "--augment-p: 1.0 in the run, 0.5 now" in capsys.readouterr().err
     text = train.build_parser().format_help()
     assert "--augment POLICY" in text and "--augment-p P|ada" in text
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_augment_like_one_process(tmp_path):
+    """Each rank keeps its rows of the global batch's draws, and ADA's statistic is summed over the
+    ranks: two ranks train to the weights and the P of one process."""
+    from test_distributed import TINY as DDP_TINY
+    from test_distributed import assert_same_weights, final, image_folder, run_cli
+
+    data = image_folder(tmp_path / "images")
+    args = DDP_TINY + ["--data", str(data), "--loss", "wgan-gp", "--augment", "translation,cutout,color",
+                       "--augment-p", "ada"]
+    one = run_cli(args + ["--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run_cli(args + ["--out", str(tmp_path / "two")], ranks=2)
+    assert two.returncode == 0, two.stderr
+    a, b = final(tmp_path / "one"), final(tmp_path / "two")
+    assert_same_weights(a, b)
+    assert torch.equal(a["augment"]["steps"], b["augment"]["steps"])
+    assert float(b["augment"]["p"]) == pytest.approx(float(a["augment"]["p"]), abs=1e-6)
