@@ -206,16 +206,19 @@ def fastest_seconds(run: Callable[[], object], clock: Callable[[], float] = time
 
 
 def event_seconds(run: Callable[[], object], events: Callable[[], object] | None = None,
-                  warmup: int = WARMUP_CALLS, repeats: int = REPEATS, target: float = TARGET_SAMPLE_SECONDS,
-                  max_calls: int = MAX_CALLS_PER_SAMPLE) -> float:
+                  warmup: int = WARMUP_CALLS, repeats: int = REPEATS, target: float | None = None,
+                  max_calls: int | None = None) -> float:
     """Seconds per call on a CUDA device, as the GPU sees it: after ``warmup`` calls, one call
-    between two events sizes the samples (N calls lasting about ``target``), then the fastest of
+    between two events sizes the samples (N calls lasting about ``target``, at most ``max_calls``;
+    defaults :data:`TARGET_SAMPLE_SECONDS`, :data:`MAX_CALLS_PER_SAMPLE`), then the fastest of
     ``repeats`` samples of N back-to-back calls between two events, divided by N.
 
     ``events()`` makes one timing event (default ``torch.cuda.Event(enable_timing=True)``):
     anything with ``record()``, ``synchronize()`` and ``elapsed_time(end)`` in milliseconds.
     Only the end event is waited for; nothing else synchronizes with the host."""
     make = events or (lambda: torch.cuda.Event(enable_timing=True))
+    target = TARGET_SAMPLE_SECONDS if target is None else target
+    max_calls = MAX_CALLS_PER_SAMPLE if max_calls is None else max_calls
 
     def sample(calls: int) -> float:
         start, end = make(), make()
