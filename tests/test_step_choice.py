@@ -75,8 +75,8 @@ def test_the_checked_steps_leave_no_trace(before):
         checked_it()
     side_it = tiny_iteration(checked)  # the check's own Iteration, as the trainer makes one
     seen = []
-    step_choice.check([NCHW, NHWC], side_it, checked, CPU, timer=table_timer({NCHW: 2.0, NHWC: 1.0}, seen))
-    assert len(seen) == 2 * step_choice.ROUNDS  # the timed steps really ran (and changed the state meanwhile)
+    step_choice.check([NCHW, NHWC], side_it, checked, CPU, timer=table_timer({NCHW: 2.0, NHWC: 1.0}, seen), rounds=2)
+    assert len(seen) == 2 * 2  # the timed steps really ran (and changed the state meanwhile)
     step_choice.apply(NCHW, checked, "cpu")  # train on as the plain run did
     for _ in range(2):
         checked_it()
@@ -174,6 +174,7 @@ def test_a_step_on_a_gpu_is_timed_between_cuda_events():
 
 # ----- through the trainer ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_channels_last_auto_in_training_logs_checkpoints_and_resumes_bit_identically(tmp_path, monkeypatch, capsys):
     from test_training import TINY, assert_same_training_state, final_state
 
