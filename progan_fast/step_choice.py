@@ -26,7 +26,9 @@ from the start would, the check only costs ``(WARMUP_STEPS + ROUNDS)`` steps per
 and a resume stays bit-identical: the decision is kept in the checkpoints (``step_choices``, by
 phase), so a run resumed inside a phase uses its decision again without timing; a phase that
 starts after the resume is checked afresh, as in an uninterrupted run. (Timing real, counted
-steps instead would make the weights depend on which setup ran which step of the check.)
+steps instead would make the weights depend on which setup ran which step of the check.) While
+the check runs, the snapshot holds one copy of the three networks and of Adam's state on the
+training device.
 
 Timing (:func:`timer_for`): one step between two CUDA events on a GPU (waiting for the end event
 only), between two reads of the host clock on the CPU. These are eager steps: under
