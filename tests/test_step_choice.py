@@ -237,7 +237,6 @@ def test_auto_times_n_back_to_back_calls_between_cuda_events_on_a_gpu():
     # warm-up call(s), then one call between two events sizes the samples (2 ms / 0.1 ms: about 20),
     # then REPEATS samples of that many back-to-back calls between two events
     text = " ".join(log)
-    warm, sizing, *samples = text.split("event event")  # an end event followed by the next start
     assert text.startswith("call " * autotune.WARMUP_CALLS + "event call event")
     runs = [part.split().count("call") for part in text.split("event")[1::2]]
     assert runs[0] == 1 and len(runs) == 1 + autotune.REPEATS
