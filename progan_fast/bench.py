@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -163,7 +164,10 @@ def auto_picks() -> str:
 
 
 def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, device: torch.device, steps: int,
-                  warmup: int, with_compile: bool, log=print, with_channels_last: bool = True) -> list[Result]:
+                  warmup: int, with_compile: bool, log=print, with_channels_last: bool = True,
+                  on_result=None) -> list[Result]:
+    """Every configuration at every resolution; ``on_result(results)`` is called with the rows so far
+    each time one is measured (main saves them then, so a run cut short keeps what it finished)."""
     results: list[Result] = []
     config = NetworkConfig(max_res=max(resolutions), **widths)
     variants = variants_for(device.type, with_compile, with_channels_last)
@@ -189,6 +193,8 @@ def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, de
                 if r.img_per_s is not None and baseline:
                     r.vs_reference = r.img_per_s / baseline
                 results.append(r)
+                if on_result is not None:
+                    on_result(results)
     finally:
         ops.set_default_backend(previous, device.type)
     return results
@@ -212,6 +218,17 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def save_json(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically (a temporary file beside it, then a rename), so a reader,
+    or a run killed mid-write, only ever sees a whole file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,16 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (5 if gpu else 2))
     with_compile = not args.no_compile and args.loss != "wgan-gp" and not args.quick
 
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"{PROG}: {device_description(device)}; torch {torch.__version__}; loss {args.loss}; widths "
-        f"{widths}; {steps} timed steps after {warmup} warm-up steps")
-    results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log,
-                            with_channels_last=not args.no_channels_last)
-    table = format_table(results)
-    print(f"Training-step throughput on {device_description(device)} (loss {args.loss}, "
-          f"fmap_base {widths['fmap_base']}, fmap_max {widths['fmap_max']}); ratios against plain eager PyTorch")
-    print(table)
-
+    # The JSON is written before the first configuration (an unwritable path fails now, not after the
+    # run) and again, whole, after each one: a run cut short (tools/gpu_verify.py's stage caps, a
+    # kill) leaves every row it finished, with "complete": false.
     path = args.json or Path("runs") / "bench" / f"bench-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {
         "device": device_description(device),
@@ -301,11 +311,36 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "warmup": warmup,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": [asdict(r) for r in results],
+        "complete": False,
+        "results": [],
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        save_json(path, record)
+    except OSError as e:
+        return fail(f"cannot write {path}: {e}")
+
+    def save_rows(results: list[Result]) -> None:
+        record["results"] = [asdict(r) for r in results]
+        try:
+            save_json(path, record)
+        except OSError as e:  # the run goes on; the last save says whether the file is whole
+            print(f"{PROG}: warning: cannot write {path}: {e}", file=sys.stderr)
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"{PROG}: {device_description(device)}; torch {torch.__version__}; loss {args.loss}; widths "
+        f"{widths}; {steps} timed steps after {warmup} warm-up steps")
+    results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log,
+                            with_channels_last=not args.no_channels_last, on_result=save_rows)
+    table = format_table(results)
+    print(f"Training-step throughput on {device_description(device)} (loss {args.loss}, "
+          f"fmap_base {widths['fmap_base']}, fmap_max {widths['fmap_max']}); ratios against plain eager PyTorch")
+    print(table)
+
+    record["complete"] = True
+    record["results"] = [asdict(r) for r in results]
+    try:
+        save_json(path, record)
     except OSError as e:
         return fail(f"cannot write {path}: {e}")
     print(f"saved {path}")
