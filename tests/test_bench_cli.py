@@ -79,6 +79,7 @@ def test_bad_arguments_are_one_clear_error(args, message, capsys):
     assert len(err) == 1 and err[0].startswith("progan_fast.bench: error:") and message in err[0]
 
 
+@pytest.mark.slow
 def test_a_killed_bench_keeps_every_row_it_finished(tmp_path):
     """tools/gpu_verify.py cuts a bench stage at its cap: the JSON must already hold the rows that
     were measured, and parse. SIGKILL (no handler can run) right after the first row lands."""

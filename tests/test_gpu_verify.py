@@ -123,6 +123,17 @@ def test_op_tests_leave_out_the_kernel_report(tmp_path):
     assert "tests/test_triton_conv_act.py" in op_tests.command and "tests/test_ops.py" in op_tests.command
 
 
+def test_the_triton_stages_spread_over_xdist_workers_where_it_is_installed(tmp_path):
+    def commands(info, **kw):
+        return {s.name: s.command for s in gv.plan(info, tmp_path, None, **kw)}
+    with_xdist = commands({**GPU_INFO, "xdist": True})
+    for name in ("cuda-tests", "op-tests"):
+        assert with_xdist[name][with_xdist[name].index("--dist") + 1] == "loadfile" and "-n" in with_xdist[name]
+    assert "-n" not in with_xdist["native-tests"]  # memcheck wraps one process
+    assert "-n" not in commands(GPU_INFO)["cuda-tests"]  # no xdist: one process
+    assert "-n" not in commands({**GPU_INFO, "xdist": True}, rehearse=True)["cuda-tests"]
+
+
 def test_stages_selects_a_subset_in_order():
     assert gv.parse_stages("native-status, install") == ["install", "native-status"]
     assert [s.name for s in gv.plan(GPU_INFO, Path("/x"), None, names=["bench-32", "install"])] == ["install", "bench-32"]

@@ -140,6 +140,7 @@ def probe() -> dict:
         info["problems"].append(f"triton does not import ({e})")
     info["missing"] = [pip for module, pip in DEPENDENCIES.items() if importlib.util.find_spec(module) is None]
     info["missing_build_tools"] = [pip for module, pip in BUILD_TOOLS.items() if importlib.util.find_spec(module) is None]
+    info["xdist"] = importlib.util.find_spec("xdist") is not None  # pytest-xdist: the Triton stages in parallel
     info["nvcc"] = find_tool("nvcc")
     info["compute_sanitizer"] = find_tool("compute-sanitizer")
     if info["missing_build_tools"]:
@@ -154,24 +155,30 @@ def probe() -> dict:
 # ----- the plan ----------------------------------------------------------------------------------------
 
 #: Seconds per stage on one H100 (16 cores) with a cold Triton cache, adding up to the 480 s budget.
-#: What each has to do (config counts from the kernels' autotune lists; a Triton compile is about
-#: 0.3-1 s there, an autotune measurement a few ms; pytest's start, collection and CUDA init about 10 s):
-#: - install 120: 6 CPU + 7 glue C++ files and 6 .cu for sm_90 only, 16 jobs in parallel; the widest
-#:   file (conv_act.cu, torch's CUDA headers) takes about a minute alone, the link a few seconds.
+#: What each has to do. The kernels have 306 autotune configs in all (ops/kernel_report.py's specs:
+#: 158 of them the conv's, 78 channels-last, 14 fp64); the first launch of a kernel at a new
+#: specialization compiles every config of its list (4 per 1D kernel, 5-6 pixel-norm, 4-8
+#: minibatch-stddev, 7-8 per conv product kind and 1-3 per fused pixel-norm bucket), at about 0.3 s
+#: (pointwise) to 1-2 s (the conv's tl.dot tiles) each, one after another within a process; a
+#: measurement then costs a few ms. pytest's start, collection and CUDA init: about 10 s.
+#: - install 120: 13 C++ files and 6 .cu for sm_90 only, 16 jobs at once; the widest (conv_act.cu,
+#:   with torch's CUDA headers) takes about a minute alone, the link a few seconds.
 #: - native-status 15: one torch import and the library load.
-#: - cuda-tests 75: about 60 GPU tests, most on tiny networks, but they launch every Triton op through
-#:   its autotuner: each first call of a kernel at a new key compiles all its configs (4 per 1D kernel,
-#:   8 pixel-norm, 4-6 minibatch-stddev, 6-12 per conv product kind), about 150 compiles in fp32 and
-#:   bf16 together: 50-70 s cold, a few seconds warm.
-#: - op-tests 70: the Triton and op files on the GPU (the kernel report is not here: CI compiles every
-#:   config); they reuse most of cuda-tests' compiles from the on-disk cache, and add fp64 and the
-#:   channels-last configs (about 60 more compiles) and a few hundred small launches.
-#: - native-tests 60: no Triton; the CUDA kernels' tests (about 100, tiny tensors), which memcheck slows
-#:   10-50x per launch, plus its probe (about 10 s); 20 s without memcheck.
+#: - cuda-tests 75: the cuda-marked tests of 13 files touch every op in fp32 (exact: the tests' own
+#:   policy) and bf16, both layouts: about 200 compiles, 150-250 s in one process. So the two Triton
+#:   stages run with pytest-xdist where it is installed (it is on the GPU machines): 8 workers, whole
+#:   files each (--dist loadfile, so a file's tests keep their order), sharing the on-disk cache;
+#:   about 40-60 s of compiles, plus each worker's start.
+#: - op-tests 70: the Triton and op files on the GPU (not the kernel report: CI compiles every
+#:   config); most kernels are in the cache by then; fp64 (14 configs) and the remaining
+#:   specializations, then a few hundred small launches.
+#: - native-tests 60: no Triton; the CUDA kernels' tests (about 240, tiny tensors) take 20 s plainly;
+#:   memcheck slows each launch 10-50x, and its probe costs about 10 s.
 #: - bench-8 30, bench-32 55, bench-128 55: 16 configurations (23 at 32 px with +cl), each a few warm-up
-#:   and 10 timed steps at the paper's batch; the Triton configs are compiled by then (same kernels, new
-#:   keys are autotuned: a few ms each), graph capture about 1 s a configuration. 128 px at batch 16 is
-#:   the heaviest step (a few ms); the rows are saved as they come, so a cut loses only the unfinished.
+#:   and 10 timed steps at the paper's batch; the kernels are compiled by then (new keys only re-time
+#:   their configs: a few ms each), a graph capture about 1 s a configuration; 128 px at batch 16 is
+#:   the heaviest step. The rows are saved as they come, so a cut loses only the unfinished ones.
+#: These are estimates made without a GPU: the first run's report (seconds per stage) settles them.
 CAPS = {"install": 120, "native-status": 15, "cuda-tests": 75, "op-tests": 70, "native-tests": 60,
         "bench-8": 30, "bench-32": 55, "bench-128": 55}
 STAGE_NAMES = tuple(CAPS)
@@ -248,8 +255,13 @@ def plan(info: dict, out: Path, wheelhouse: Path | None, skip_install: bool = Fa
     stages.append(Stage("native-status", caps["native-status"], [py, "-m", "progan_fast.ops.native_status"],
                         why="says whether progan_fast._C loaded, and fails where a GPU is visible without its CUDA kernels"))
 
-    def pytest(name: str, args: list[str]) -> list[str]:
-        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(out / f"{name}.xml")] + args
+    def pytest(name: str, args: list[str], parallel: bool = False) -> list[str]:
+        # Parallel: Triton compiles configs one after another within a process, so on a GPU with a cold
+        # cache the Triton stages spread their files over workers (see CAPS). Only where xdist is there.
+        workers = ["-n", str(min(8, max(2, (os.cpu_count() or 4) // 2))), "--dist", "loadfile"] \
+            if parallel and gpu and info.get("xdist") else []
+        return [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
+                "--junitxml", str(out / f"{name}.xml")] + args
 
     if rehearse:
         # A couple of tests per stage, the quickest of each kind: cuda-marked ones (skipped here, so the
@@ -272,13 +284,14 @@ def plan(info: dict, out: Path, wheelhouse: Path | None, skip_install: bool = Fa
                                  "--no-channels-last", "--json", str(out / f"bench-{res}.json")],
                                 why="rehearsal: the bench's CPU configurations at 4 px, batch 2, one step"))
     else:
-        stages.append(Stage("cuda-tests", caps["cuda-tests"], pytest("cuda-tests", ["-m", "cuda"]),
+        stages.append(Stage("cuda-tests", caps["cuda-tests"], pytest("cuda-tests", ["-m", "cuda"], parallel=True),
                             why="every test marked cuda: graphs vs eager, GPU vs CPU networks, resume across devices"))
         # Not the kernel report (test_triton_kernel_report.py): it compiles every config for sm_80 and
         # sm_90 ahead of time, which CI does already, and would take most of this stage's cap.
         op_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_triton_*.py")
                           if p.name != "test_triton_kernel_report.py")
-        stages.append(Stage("op-tests", caps["op-tests"], pytest("op-tests", op_tests + ["tests/test_ops.py"]),
+        stages.append(Stage("op-tests", caps["op-tests"],
+                            pytest("op-tests", op_tests + ["tests/test_ops.py"], parallel=True),
                             why="every Triton kernel on the GPU against the eager reference"))
         stages.append(Stage("native-tests", caps["native-tests"], pytest("native-tests", ["tests/test_native.py"]),
                             {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
