@@ -113,6 +113,16 @@ def test_the_install_never_reaches_for_the_network(tmp_path):
     assert cpu.env["PROGAN_FAST_CUDA"] == "0" and "--no-index" in cpu.command and cpu.cap_s == gv.CPU_INSTALL_CAP
 
 
+def test_a_ninja_executable_is_enough(monkeypatch):
+    # The GPU machines may have ninja from the system, not as the pip package: cpp_extension runs the command.
+    real = gv.importlib.util.find_spec
+    monkeypatch.setattr(gv.importlib.util, "find_spec", lambda name, *a: None if name == "ninja" else real(name, *a))
+    monkeypatch.setattr(gv.shutil, "which", lambda name: "/usr/bin/ninja" if name == "ninja" else None)
+    assert "ninja" not in gv.probe()["missing_build_tools"]
+    monkeypatch.setattr(gv.shutil, "which", lambda name: None)
+    assert "ninja" in gv.probe()["missing_build_tools"]
+
+
 def test_nvtx_is_not_a_dependency():
     assert "nvtx" not in gv.DEPENDENCIES  # the GPU machines do not have it
 

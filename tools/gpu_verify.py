@@ -139,7 +139,10 @@ def probe() -> dict:
         info["triton"] = None
         info["problems"].append(f"triton does not import ({e})")
     info["missing"] = [pip for module, pip in DEPENDENCIES.items() if importlib.util.find_spec(module) is None]
-    info["missing_build_tools"] = [pip for module, pip in BUILD_TOOLS.items() if importlib.util.find_spec(module) is None]
+    # ninja counts where its executable is on PATH (torch's cpp_extension runs the command; the GPU
+    # machines may have it from the system rather than as the pip package).
+    info["missing_build_tools"] = [pip for module, pip in BUILD_TOOLS.items() if importlib.util.find_spec(module) is None
+                                   and not (module == "ninja" and shutil.which("ninja"))]
     info["xdist"] = importlib.util.find_spec("xdist") is not None  # pytest-xdist: the Triton stages in parallel
     info["nvcc"] = find_tool("nvcc")
     info["compute_sanitizer"] = find_tool("compute-sanitizer")
