@@ -445,7 +445,7 @@ def summary_markdown(info: dict, results: list[StageResult], rows: list[dict], b
     title = "GPU verification rehearsal (CPU stand-ins, tiny: proves the plumbing, not the GPU)" if rehearse \
         else "GPU verification"
     lines = [f"# {title} ({time.strftime('%Y-%m-%d %H:%M')})", "",
-             f"- GPU: {info.get('gpu')} (sm_{info.get('arch')})",
+             f"- GPU: {info['gpu']} (sm_{info.get('arch')})" if info.get("gpu") else "- GPU: none visible",
              f"- Python {info['python']}, torch {info.get('torch')} (CUDA {info.get('torch_cuda')}), "
              f"triton {info.get('triton')}",
              f"- nvcc: {info.get('nvcc')}; compute-sanitizer: {info.get('compute_sanitizer')}",
@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these stages, in the usual order (" + ", ".join(STAGE_NAMES) + "); without a GPU "
                         "only " + " and ".join(CPU_STAGES) + " can run")
     p.add_argument("--rehearse", action="store_true",
-                   help="run every stage's CPU stand-in, tiny (a couple of tests each, a 4 px bench), to prove the "
-                        "install, the stage plumbing, report.json and summary.md without a GPU (CI runs it)")
+                   help="run every stage's CPU stand-in, tiny (pip's dry run of the install, a couple of tests each, a "
+                        "4 px bench), to prove the stage plumbing, report.json and summary.md without a GPU (CI runs it)")
     return p
 
 
