@@ -165,12 +165,15 @@ def auto_picks() -> str:
 
 def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, device: torch.device, steps: int,
                   warmup: int, with_compile: bool, log=print, with_channels_last: bool = True,
-                  on_result=None) -> list[Result]:
-    """Every configuration at every resolution; ``on_result(results)`` is called with the rows so far
-    each time one is measured (main saves them then, so a run cut short keeps what it finished)."""
+                  on_result=None, only: list[str] | None = None) -> list[Result]:
+    """Every configuration (or those named in ``only``) at every resolution; ``on_result(results)`` is
+    called with the rows so far each time one is measured (main saves them then, so a run cut short
+    keeps what it finished)."""
     results: list[Result] = []
     config = NetworkConfig(max_res=max(resolutions), **widths)
     variants = variants_for(device.type, with_compile, with_channels_last)
+    if only is not None:
+        variants = [v for v in variants if v.name in only]
     if loss == "wgan-gp":
         log(f"{PROG}: compile is not timed: torch.compile cannot run the gradient penalty's double backward "
             f"(use --loss nonsat to time it)")
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration (slow to compile)")
     p.add_argument("--no-channels-last", action="store_true",
                    help="skip the +cl configurations (the networks' activations in NHWC, as train's --channels-last)")
+    p.add_argument("--configs", default=None, metavar="NAME,...",
+                   help="time only these configurations (names as in the table, e.g. reference,cpu+amp); "
+                        "the first should be reference, which the ratios are against")
     p.add_argument("--json", type=Path, default=None,
                    help="where to save the results (default runs/bench/bench-<device>-<date-time>.json)")
     return p
@@ -298,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if args.quick else (20 if gpu else 5))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (5 if gpu else 2))
     with_compile = not args.no_compile and args.loss != "wgan-gp" and not args.quick
+    only = None
+    if args.configs is not None:
+        only = [n.strip() for n in args.configs.split(",") if n.strip()]
+        known = [v.name for v in variants_for(device.type, with_compile, not args.no_channels_last)]
+        unknown = [n for n in only if n not in known]
+        if unknown or not only:
+            return fail(f"--configs: no configuration {', '.join(map(repr, unknown)) or '(none given)'} on "
+                        f"{device.type} with these options; there are: {','.join(known)}")
 
     # The JSON is written before the first configuration (an unwritable path fails now, not after the
     # run) and again, whole, after each one: a run cut short (tools/gpu_verify.py's stage caps, a
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{PROG}: {device_description(device)}; torch {torch.__version__}; loss {args.loss}; widths "
         f"{widths}; {steps} timed steps after {warmup} warm-up steps")
     results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log,
-                            with_channels_last=not args.no_channels_last, on_result=save_rows)
+                            with_channels_last=not args.no_channels_last, on_result=save_rows, only=only)
     table = format_table(results)
     print(f"Training-step throughput on {device_description(device)} (loss {args.loss}, "
           f"fmap_base {widths['fmap_base']}, fmap_max {widths['fmap_max']}); ratios against plain eager PyTorch")

@@ -111,3 +111,13 @@ def test_a_killed_bench_keeps_every_row_it_finished(tmp_path):
     kept = record["results"]
     assert 1 <= len(kept) < len(bench.variants_for("cpu", with_compile=False))
     assert kept[0]["variant"] == "reference" and kept[0]["img_per_s"] > 0
+
+
+def test_configs_times_only_the_named_ones(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--res", "4", "--batch", "2", "--widths", "laptop", "--steps", "1",
+                       "--warmup", "0", "--no-channels-last", "--configs", "reference,cpu", "--json", str(out)]) == 0
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["reference", "cpu"]
+    assert bench.main(["--device", "cpu", "--configs", "reference,triton", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("progan_fast.bench: error: --configs: no configuration 'triton' on cpu")

@@ -284,8 +284,9 @@ def plan(info: dict, out: Path, wheelhouse: Path | None, skip_install: bool = Fa
             stages.append(Stage(f"bench-{res}", caps[f"bench-{res}"],
                                 [py, "-m", "progan_fast.bench", "--device", "cpu", "--res", "4", "--batch", "2",
                                  "--widths", "laptop", "--steps", "1", "--warmup", "0", "--no-compile",
-                                 "--no-channels-last", "--json", str(out / f"bench-{res}.json")],
-                                why="rehearsal: the bench's CPU configurations at 4 px, batch 2, one step"))
+                                 "--no-channels-last", "--configs", "reference,cpu",
+                                 "--json", str(out / f"bench-{res}.json")],
+                                why="rehearsal: two CPU configurations at 4 px, batch 2, one step"))
     else:
         stages.append(Stage("cuda-tests", caps["cuda-tests"], pytest("cuda-tests", ["-m", "cuda"], parallel=True),
                             why="every test marked cuda: graphs vs eager, GPU vs CPU networks, resume across devices"))
