@@ -89,7 +89,10 @@ class Trainer:
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
         if options.cuda_profiler_window is not None and self.device.type != "cuda":
             self.log("--cuda-profiler-steps needs a CUDA device; ignored")
-        profiling.enable_nvtx(options.nvtx)
+        try:
+            profiling.enable_nvtx(options.nvtx)
+        except profiling.NvtxUnavailable as e:
+            raise UsageError(str(e)) from None
         if options.cuda_graphs and not self.use_graphs:
             self.log("--cuda-graphs needs a CUDA device; training on the CPU without CUDA graphs")
         if self.use_graphs and world.distributed:
