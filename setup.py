@@ -145,10 +145,12 @@ setup(
         "Pillow>=10.0",
         "tqdm>=4.66",
         "tensorboard>=2.14",
-        "nvtx>=0.2.10",  # NVTX ranges for Nsight (--nvtx); a no-op without a GPU
         # Triton kernels; on a machine without a GPU they run (slowly, for tests) in its interpreter.
         "triton>=3.6; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    # --nvtx goes through torch.cuda.nvtx on CUDA builds of torch; the nvtx package is only needed
+    # for NVTX ranges with a CPU build of torch. Not a requirement: the GPU machines do not have it
+    # and cannot download it, and a requirement pip cannot meet stops the whole install there.
+    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"], "nvtx": ["nvtx>=0.2.10"]},
     entry_points={"console_scripts": ["progan-fast-train=progan_fast.train:main"]},
 )

@@ -178,6 +178,15 @@ class Augment:
         self.p.copy_(torch.where(due, adjusted, self.p))
         self.signs.mul_((~due).float())
 
+    def copy(self) -> Augment:
+        """The same policy and P on separate tensors: steps run with the copy (the trainer's timed
+        step check, whose steps are undone) leave this one's P and ADA statistic as they were."""
+        twin = Augment(self.policy, "ada" if self.adaptive else 0.0, self.p.device)
+        twin.p.copy_(self.p)
+        twin.signs.copy_(self.signs)
+        twin.steps.copy_(self.steps)
+        return twin
+
     def state_dict(self) -> dict:
         return {"p": self.p.detach().cpu(), "signs": self.signs.detach().cpu(), "steps": self.steps.detach().cpu()}
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -163,10 +164,16 @@ def auto_picks() -> str:
 
 
 def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, device: torch.device, steps: int,
-                  warmup: int, with_compile: bool, log=print, with_channels_last: bool = True) -> list[Result]:
+                  warmup: int, with_compile: bool, log=print, with_channels_last: bool = True,
+                  on_result=None, only: list[str] | None = None) -> list[Result]:
+    """Every configuration (or those named in ``only``) at every resolution; ``on_result(results)`` is
+    called with the rows so far each time one is measured (main saves them then, so a run cut short
+    keeps what it finished)."""
     results: list[Result] = []
     config = NetworkConfig(max_res=max(resolutions), **widths)
     variants = variants_for(device.type, with_compile, with_channels_last)
+    if only is not None:
+        variants = [v for v in variants if v.name in only]
     if loss == "wgan-gp":
         log(f"{PROG}: compile is not timed: torch.compile cannot run the gradient penalty's double backward "
             f"(use --loss nonsat to time it)")
@@ -189,6 +196,8 @@ def run_benchmark(resolutions: list[int], batch_for, widths: dict, loss: str, de
                 if r.img_per_s is not None and baseline:
                     r.vs_reference = r.img_per_s / baseline
                 results.append(r)
+                if on_result is not None:
+                    on_result(results)
     finally:
         ops.set_default_backend(previous, device.type)
     return results
@@ -212,6 +221,17 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def save_json(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically (a temporary file beside it, then a rename), so a reader,
+    or a run killed mid-write, only ever sees a whole file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configuration (slow to compile)")
     p.add_argument("--no-channels-last", action="store_true",
                    help="skip the +cl configurations (the networks' activations in NHWC, as train's --channels-last)")
+    p.add_argument("--configs", default=None, metavar="NAME,...",
+                   help="time only these configurations (names as in the table, e.g. reference,cpu+amp); "
+                        "the first should be reference, which the ratios are against")
     p.add_argument("--json", type=Path, default=None,
                    help="where to save the results (default runs/bench/bench-<device>-<date-time>.json)")
     return p
@@ -281,17 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (3 if args.quick else (20 if gpu else 5))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (5 if gpu else 2))
     with_compile = not args.no_compile and args.loss != "wgan-gp" and not args.quick
+    only = None
+    if args.configs is not None:
+        only = [n.strip() for n in args.configs.split(",") if n.strip()]
+        known = [v.name for v in variants_for(device.type, with_compile, not args.no_channels_last)]
+        unknown = [n for n in only if n not in known]
+        if unknown or not only:
+            return fail(f"--configs: no configuration {', '.join(map(repr, unknown)) or '(none given)'} on "
+                        f"{device.type} with these options; there are: {','.join(known)}")
 
-    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"{PROG}: {device_description(device)}; torch {torch.__version__}; loss {args.loss}; widths "
-        f"{widths}; {steps} timed steps after {warmup} warm-up steps")
-    results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log,
-                            with_channels_last=not args.no_channels_last)
-    table = format_table(results)
-    print(f"Training-step throughput on {device_description(device)} (loss {args.loss}, "
-          f"fmap_base {widths['fmap_base']}, fmap_max {widths['fmap_max']}); ratios against plain eager PyTorch")
-    print(table)
-
+    # The JSON is written before the first configuration (an unwritable path fails now, not after the
+    # run) and again, whole, after each one: a run cut short (tools/gpu_verify.py's stage caps, a
+    # kill) leaves every row it finished, with "complete": false.
     path = args.json or Path("runs") / "bench" / f"bench-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     record = {
         "device": device_description(device),
@@ -301,11 +325,36 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "warmup": warmup,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "results": [asdict(r) for r in results],
+        "complete": False,
+        "results": [],
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        save_json(path, record)
+    except OSError as e:
+        return fail(f"cannot write {path}: {e}")
+
+    def save_rows(results: list[Result]) -> None:
+        record["results"] = [asdict(r) for r in results]
+        try:
+            save_json(path, record)
+        except OSError as e:  # the run goes on; the last save says whether the file is whole
+            print(f"{PROG}: warning: cannot write {path}: {e}", file=sys.stderr)
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"{PROG}: {device_description(device)}; torch {torch.__version__}; loss {args.loss}; widths "
+        f"{widths}; {steps} timed steps after {warmup} warm-up steps")
+    results = run_benchmark(resolutions, batch_for, widths, args.loss, device, steps, warmup, with_compile, log,
+                            with_channels_last=not args.no_channels_last, on_result=save_rows, only=only)
+    table = format_table(results)
+    print(f"Training-step throughput on {device_description(device)} (loss {args.loss}, "
+          f"fmap_base {widths['fmap_base']}, fmap_max {widths['fmap_max']}); ratios against plain eager PyTorch")
+    print(table)
+
+    record["complete"] = True
+    record["results"] = [asdict(r) for r in results]
+    try:
+        save_json(path, record)
     except OSError as e:
         return fail(f"cannot write {path}: {e}")
     print(f"saved {path}")

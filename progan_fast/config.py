@@ -98,7 +98,7 @@ class RunOptions:
     tensorboard: bool = True
     amp: str | None = None  # None (float32), "bf16" or "fp16"
     cuda_graphs: bool = False
-    channels_last: bool = False  # the networks' activations in NHWC (same math, other memory order)
+    channels_last: bool | str = False  # the networks' activations in NHWC (same math); "auto": timed per phase
     nvtx: bool = False
     profile_steps: int | None = None  # record this many steps with torch.profiler, then stop
     cuda_profiler_window: tuple[int, int] | None = None  # (start, stop) steps of this invocation
@@ -156,6 +156,8 @@ def validate(config: TrainConfig, options: RunOptions) -> None:
         raise UsageError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}, not {options.amp!r}")
     if options.profile_steps is not None and options.profile_steps < 1:
         raise UsageError(f"--profile must be at least 1 step, not {options.profile_steps}")
+    if options.channels_last not in (True, False, "auto"):
+        raise UsageError(f"--channels-last must be on, off or auto, not {options.channels_last!r}")
     if options.max_skipped_steps < 1:
         raise UsageError(f"--max-skipped-steps must be at least 1, not {options.max_skipped_steps}")
 

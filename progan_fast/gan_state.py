@@ -19,7 +19,9 @@ trainer builds it, checkpoints it and restores it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -200,6 +202,38 @@ class GANState:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.amp_dtype, cache_enabled=False)
+
+    def snapshot(self) -> Callable[[], None]:
+        """Save what a training step changes here; the returned function puts it back bit for bit.
+
+        For steps that are only timed (:mod:`progan_fast.step_choice`): the three networks'
+        parameters and buffers (restored in place, so every reference to them stays valid), both
+        optimizers' state (the step count included), the fp16 loss scales, and the gradients
+        (the tensors themselves: a step replaces them with new ones, it never writes into the old
+        ones). torch's random generators are the caller's to save."""
+        nets = (self.G, self.D, self.G_ema)
+        tensors = [t for net in nets for t in (*net.parameters(), *net.buffers())]
+        saved = [t.detach().clone() for t in tensors]
+        grads = [(p, p.grad) for net in (self.G, self.D) for p in net.parameters()]
+        optimizers = (self.opt_G, self.opt_D)
+        opt_states = [{p: {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
+                       for p, s in opt.state.items()} for opt in optimizers]
+        scalers = [(sc, {k: v.clone() for k, v in sc.state_dict().items()})
+                   for sc in (self.scaler_D, self.scaler_G) if sc is not None]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for t, value in zip(tensors, saved):
+                    t.copy_(value)
+            for p, grad in grads:
+                p.grad = grad
+            for opt, state in zip(optimizers, opt_states):
+                opt.state.clear()
+                opt.state.update(state)
+            for scaler, state in scalers:
+                scaler.load_state_dict(state)
+
+        return restore
 
     def non_finite_networks(self) -> list[str]:
         """Names of the networks holding a NaN or inf parameter (one device reduction, one sync)."""

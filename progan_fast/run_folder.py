@@ -117,10 +117,13 @@ class RunFolder:
     def write_checkpoint(self, state: GANState, config: TrainConfig, phase_index: int, step: int, images: int,
                          data_fingerprint: str, device: torch.device, keep: int,
                          auto_choices: dict[str, str] | None = None, class_names: list[str] | None = None,
+                         step_choices: dict[str, dict] | None = None,
                          augment_state: dict | None = None) -> Path:
         """Write the checkpoint at ``images`` shown (schedule position ``phase_index``, ``step``)
         and delete all but the newest ``keep``. ``auto_choices`` (``--backend auto``'s
-        ``{op signature: backend}``) are kept so that a resume computes every op as before."""
+        ``{op signature: backend}``) are kept so that a resume computes every op as before, and
+        ``step_choices`` (the step check's setup by phase index, :mod:`progan_fast.step_choice`)
+        so that a resume inside a phase trains it with the same setup."""
         payload = {
             "config": config.to_dict(),
             "phase_index": phase_index,
@@ -143,6 +146,8 @@ class RunFolder:
             payload["auto_choices"] = dict(auto_choices)
         if augment_state is not None:  # --augment's probability (ADA moves it) and ADA's running statistic
             payload["augment"] = augment_state
+        if step_choices is not None:
+            payload["step_choices"] = {k: dict(v) for k, v in step_choices.items()}
         return save_checkpoint(self.checkpoints, images, payload, keep=keep)
 
 

@@ -104,6 +104,13 @@ class RunLog:
         if self._file is not None:
             self._write({"kimg": round(images / 1000, 3), "res": phase.res, "phase": phase.name, "auto": choices})
 
+    def step_check(self, phase: Phase, images: int, decision: dict) -> None:
+        """Record a phase's step check (``--backend auto``, ``--channels-last auto``): the setup
+        chosen and each setup's fastest step (:mod:`progan_fast.step_choice`)."""
+        if self._file is not None:
+            self._write({"kimg": round(images / 1000, 3), "res": phase.res, "phase": phase.name,
+                         "step_check": decision})
+
     @torch.no_grad()
     def samples(self, G_ema: torch.nn.Module, res: int, alpha: float | None, images: int) -> Path | None:
         """The EMA generator's grid on the fixed latents: ``fakes-<images>.png`` and ``latest.png``."""

@@ -110,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "use of each op with each input shape, every backend that can run it here (cpu and reference on the "
                         "CPU; triton, cuda and reference on a GPU), forward and backward, and keeps the fastest: one line per "
                         "op says which won; the choices go to log.jsonl and the checkpoints (a resume keeps them) and are "
-                        "cached in ~/.cache/progan_fast (PROGAN_FAST_AUTO_CACHE=PATH moves the cache, =off disables it)")
+                        "cached in ~/.cache/progan_fast (PROGAN_FAST_AUTO_CACHE=PATH moves the cache, =off disables it). "
+                        "Then, at every phase start, a few extra steps with those choices and with reference "
+                        "(undone afterwards) confirm them on the whole step: the phase trains with auto's choices only "
+                        "when they are more than 3%% faster than reference")
     r.add_argument("--amp", action="store_true",
                    help="mixed precision: forward passes under autocast (see --amp-dtype), activations stored in "
                         "that dtype with float32 accumulation; losses, the gradient penalty's norm, weights and "
@@ -122,11 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture each (resolution, phase)'s whole iteration as one CUDA graph and replay it "
                         "(the first 3 steps of a phase run eagerly to warm up); needs a CUDA device, "
                         "otherwise training continues without graphs")
-    r.add_argument("--channels-last", action="store_true",
+    r.add_argument("--channels-last", nargs="?", const="on", default="off", choices=("on", "off", "auto"),
+                   metavar="on|off|auto",
                    help="run the networks' activations in NHWC memory order (torch.channels_last): every op "
                         "reads and writes that layout directly, and the convolutions use their NHWC kernels "
                         "(cuDNN's and oneDNN's, and the Triton conv's variant that loads contiguous input "
-                        "channels). Same math; sums may round in another order. Free to change on resume")
+                        "channels). Same math; sums may round in another order. Free to change on resume. "
+                        "'--channels-last' alone is 'on'; 'auto' times a few extra steps in NCHW and in NHWC at "
+                        "the start of every phase (undone afterwards, so training is as if the winner had been "
+                        "chosen up front) and trains the phase in the faster one, NCHW unless NHWC is more than "
+                        "3%% faster; one line per phase says which")
     pr = p.add_argument_group("profiling (see docs/profiling.md)")
     pr.add_argument("--nvtx", action="store_true",
                     help="mark each phase of a step (data, D forward, penalty, D backward, D optimizer, G forward, "
@@ -328,7 +336,7 @@ def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) 
         progress=not args.no_progress,
         tensorboard=not args.no_tensorboard,
         amp=args.amp_dtype if args.amp else None,
-        channels_last=args.channels_last,
+        channels_last={"on": True, "off": False, "auto": "auto"}[args.channels_last],
         cuda_graphs=args.cuda_graphs,
         nvtx=args.nvtx,
         swd_kimg=args.swd_kimg,

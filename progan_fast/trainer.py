@@ -9,7 +9,9 @@
 2. :meth:`Trainer.run`: write the run's config, open its log (:mod:`progan_fast.run_log`), loop,
    say how to continue;
 3. the loop: per phase an :class:`~progan_fast.step.Iteration` on static buffers (replayed as a
-   CUDA graph with ``--cuda-graphs``, :mod:`progan_fast.graphs`); after a step, each at its
+   CUDA graph with ``--cuda-graphs``, :mod:`progan_fast.graphs`), first checked against the
+   other setups with ``--backend auto`` or ``--channels-last auto`` (:mod:`progan_fast.step_choice`:
+   extra timed steps, undone); after a step, each at its
    interval, a log window, a sample grid, SWD and a checkpoint. It stops at the end of the
    schedule, at ``--stop-after-kimg``, after ``--profile``'s steps or on Ctrl-C, with a checkpoint.
 
@@ -28,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import augment as augmentmod
-from . import distributed, ops, profiling
+from . import distributed, ops, profiling, step_choice
 from .cli import TrainingDiverged, UsageError, resolve_device
 from .config import RunOptions, TrainConfig, load_data, validate
 from .data import ImageDataset
@@ -88,7 +90,10 @@ class Trainer:
         self.use_graphs = options.cuda_graphs and self.device.type == "cuda"
         if options.cuda_profiler_window is not None and self.device.type != "cuda":
             self.log("--cuda-profiler-steps needs a CUDA device; ignored")
-        profiling.enable_nvtx(options.nvtx)
+        try:
+            profiling.enable_nvtx(options.nvtx)
+        except profiling.NvtxUnavailable as e:
+            raise UsageError(str(e)) from None
         if options.cuda_graphs and not self.use_graphs:
             self.log("--cuda-graphs needs a CUDA device; training on the CPU without CUDA graphs")
         if self.use_graphs and world.distributed:
@@ -123,8 +128,12 @@ class Trainer:
         self.state = GANState.create(
             config.network_config(len(self.class_names or ())), self.device, config.loss, config.lr, config.ema_beta,
             amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp], capturable=self.use_graphs,
-            cond_weight=config.cond_weight, channels_last=options.channels_last,
+            cond_weight=config.cond_weight, channels_last=options.channels_last is True,
         )
+        # --backend auto and --channels-last auto: the setups each phase's step check compares
+        # (one: no check), and the decisions by phase index (a checkpoint's, then this run's).
+        self.setups = step_choice.candidates(self.backend, options.channels_last)
+        self.step_choices: dict[str, dict] = {}
         self.phase_index, self.step = 0, 0
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
         self.augment = None if config.augment is None else augmentmod.Augment(
@@ -137,6 +146,7 @@ class Trainer:
             if self.backend == "auto" and checkpoint.get("auto_choices"):
                 ops.autotune.TUNER.adopt(checkpoint["auto_choices"])
                 self.log(f"backend auto: reusing the checkpoint's {len(checkpoint['auto_choices'])} choices")
+            self.step_choices = dict(checkpoint.get("step_choices") or {})
         self.state.world = world
         self.run_log = RunLog(self.folder.path, config.latent_size, config.seed, self.device, main=world.is_main,
                               tensorboard=options.tensorboard, log=self.log, class_names=self.class_names)
@@ -207,6 +217,7 @@ class Trainer:
         return self.folder.write_checkpoint(self.state, self.config, self.phase_index, self.step, self.images_done(),
                                             self.dataset.fingerprint(), self.device, keep=self.options.keep_checkpoints,
                                             auto_choices=auto, class_names=self.class_names,
+                                            step_choices=self.step_choices or None,
                                             augment_state=None if self.augment is None else self.augment.state_dict())
 
     def run(self) -> Path:
@@ -218,7 +229,7 @@ class Trainer:
             self.folder.remove_torn_writes()
         amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
         graphs = ", CUDA graphs" if self.use_graphs else ""
-        graphs += ", channels-last" if self.options.channels_last else ""
+        graphs += {True: ", channels-last", "auto": ", channels-last auto"}.get(self.options.channels_last, "")
         ranks = f", {self.world.size} ranks (DDP)" if self.world.distributed else ""
         self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}{ranks}")
         self.run_log.open(self.dataset, self.config.max_res)
@@ -271,6 +282,8 @@ class Trainer:
                                       mirror=self.config.mirror, labels=self.labels, augment=self.augment)
                 iteration_phase = self.phase_index
                 bar.set_description(f"{phase.res}px {phase.name}")
+                if len(self.setups) > 1:
+                    self._check_step_setup(phase, device_images)
             alpha = phase.alpha(self.step)
             iteration.set_alpha(alpha)
             if device_images is None:
@@ -314,6 +327,32 @@ class Trainer:
         profiler.close(self.images_done())
         self._report_auto_choices(self.phases[min(self.phase_index, len(self.phases) - 1)])  # the last samples' choices
         return self.phase_index >= len(self.phases)
+
+    def _check_step_setup(self, phase: Phase, device_images: torch.Tensor | None) -> None:
+        """Before a phase's first step here: its setup (backend ``auto`` or ``reference``, NCHW
+        or NHWC) from the checkpoint when it decided this phase, else from timed steps that are
+        undone (:mod:`progan_fast.step_choice`); logged as one line and a log.jsonl record."""
+        where = f"{phase.res}px {phase.name}"
+        saved = step_choice.Setup.from_record(self.step_choices.get(str(self.phase_index)))
+        if saved in self.setups:
+            step_choice.apply(saved, self.state, self.device.type)
+            self.log(f"{where}: training with {step_choice.names(self.setups)[saved]}, as the checkpoint decided")
+            return
+        # A copy of the augmentation: the check's steps are undone, and so must be their ADA updates.
+        checked = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images,
+                            mirror=self.config.mirror, labels=self.labels,
+                            augment=None if self.augment is None else self.augment.copy())
+        checked.set_alpha(phase.alpha(self.step))
+
+        def one_step() -> None:
+            if device_images is None:
+                checked.load_batch(self.dataset.at(phase.res))
+            checked()
+
+        decision = step_choice.check(self.setups, one_step, self.state, self.device, self.world)
+        self.step_choices[str(self.phase_index)] = decision.setup.record()
+        self.log(f"{where}: {decision.line()}")
+        self.run_log.step_check(phase, self.images_done(), decision.record())
 
     def _report_auto_choices(self, phase: Phase) -> None:
         """With ``--backend auto``: one line per op family for the choices made since the last

@@ -204,3 +204,12 @@ def test_two_gloo_ranks_augment_like_one_process(tmp_path):
     assert_same_weights(a, b)
     assert torch.equal(a["augment"]["steps"], b["augment"]["steps"])
     assert float(b["augment"]["p"]) == pytest.approx(float(a["augment"]["p"]), abs=1e-6)
+
+
+def test_a_copy_leaves_the_original_untouched():
+    a = aug.Augment(("color",), "ada", torch.device("cpu"))
+    a.observe(torch.ones(8), 8, lambda t: t)
+    twin = a.copy()
+    for _ in range(aug.ADA_INTERVAL):
+        twin.observe(torch.ones(8), 8, lambda t: t)
+    assert float(twin.p) > 0 and float(a.p) == 0 and float(a.signs[1]) == 8 and int(a.steps) == 1

@@ -77,3 +77,47 @@ def test_bad_arguments_are_one_clear_error(args, message, capsys):
     assert bench.main(["--device", "cpu"] + args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("progan_fast.bench: error:") and message in err[0]
+
+
+@pytest.mark.slow
+def test_a_killed_bench_keeps_every_row_it_finished(tmp_path):
+    """tools/gpu_verify.py cuts a bench stage at its cap: the JSON must already hold the rows that
+    were measured, and parse. SIGKILL (no handler can run) right after the first row lands."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "progan_fast.bench", "--device", "cpu", "--res", "4", "--batch", "2",
+                             "--widths", "laptop", "--steps", "1", "--warmup", "0", "--json", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while not rows and time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                rows = json.loads(out.read_text())["results"]  # every read parses: the writes are atomic
+            time.sleep(0.02)
+        assert proc.poll() is None, "the bench finished before any row was saved: rows are not written as they come"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = json.loads(out.read_text())
+    assert record["complete"] is False
+    kept = record["results"]
+    assert 1 <= len(kept) < len(bench.variants_for("cpu", with_compile=False))
+    assert kept[0]["variant"] == "reference" and kept[0]["img_per_s"] > 0
+
+
+def test_configs_times_only_the_named_ones(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert bench.main(["--device", "cpu", "--res", "4", "--batch", "2", "--widths", "laptop", "--steps", "1",
+                       "--warmup", "0", "--no-channels-last", "--configs", "reference,cpu", "--json", str(out)]) == 0
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["reference", "cpu"]
+    assert bench.main(["--device", "cpu", "--configs", "reference,triton", "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("progan_fast.bench: error: --configs: no configuration 'triton' on cpu")

@@ -46,6 +46,7 @@ LAYERS = (
     Layer("run folder, run log, reading runs", ("run_folder", "run_log", "inference")),
     Layer("run settings", ("config",)),
     Layer("CUDA graphs", ("graphs",)),
+    Layer("the step check of auto and --channels-last auto", ("step_choice",)),
     Layer("training step", ("step",)),
     Layer("training state", ("gan_state",)),
     Layer("networks and losses", ("networks", "losses")),

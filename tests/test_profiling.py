@@ -1,7 +1,9 @@
 """Profiling hooks: NVTX ranges around every phase of a step and every op, the cudaProfiler
 window, and ``--profile``'s torch.profiler trace."""
 
+import contextlib
 import json
+import sys
 
 import pytest
 import torch
@@ -20,22 +22,26 @@ OP_RANGES = {"conv2d_bias_lrelu", "pixel_norm", "minibatch_stddev", "fade_in", "
 
 @pytest.fixture
 def recorded_ranges(monkeypatch):
-    names = []
+    """torch.cuda.nvtx as on a CUDA build of torch (the GPU machines' route), recording each range."""
+    names, open_ranges = [], []
 
-    class Annotate:
-        def __init__(self, name, domain):
-            assert domain == profiling.DOMAIN
-            names.append(name)
+    def push(name):
+        names.append(name)
+        open_ranges.append(name)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(profiling._nvtx, "annotate", Annotate)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", push)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: open_ranges.pop())
     yield names
+    assert open_ranges == []  # every range closed
     profiling.enable_nvtx(False)
+
+
+def _cpu_torch_nvtx(monkeypatch):
+    """torch.cuda.nvtx as on a CPU build of torch: it raises."""
+    def fail(*args):
+        raise RuntimeError("NVTX functions not installed. Are you sure you have a CUDA build?")
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", fail)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", fail)
 
 
 def _one_fade_iteration():
@@ -50,6 +56,7 @@ def _one_fade_iteration():
 
 def test_nvtx_ranges_mark_every_phase_of_a_step_and_every_op(recorded_ranges):
     profiling.enable_nvtx(True)
+    recorded_ranges.clear()  # enabling probes the route with one range of its own
     _one_fade_iteration()
     names = set(recorded_ranges)
     assert STEP_RANGES <= names, STEP_RANGES - names
@@ -59,6 +66,41 @@ def test_nvtx_ranges_mark_every_phase_of_a_step_and_every_op(recorded_ranges):
 def test_nvtx_ranges_are_off_by_default(recorded_ranges):
     _one_fade_iteration()
     assert recorded_ranges == []
+
+
+def test_without_a_cuda_torch_the_nvtx_package_carries_the_ranges(monkeypatch):
+    _cpu_torch_nvtx(monkeypatch)
+    annotated = []
+
+    class FakeNvtx:  # the optional nvtx package (progan_fast[nvtx])
+        @staticmethod
+        def annotate(name, domain):
+            annotated.append((name, domain))
+            return contextlib.nullcontext()
+
+    monkeypatch.setitem(sys.modules, "nvtx", FakeNvtx)
+    profiling.enable_nvtx(True)
+    try:
+        _one_fade_iteration()
+    finally:
+        profiling.enable_nvtx(False)
+    assert {name for name, _ in annotated} >= STEP_RANGES | OP_RANGES
+    assert {domain for _, domain in annotated} == {profiling.DOMAIN}
+
+
+def test_nvtx_with_no_route_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    # A CPU build of torch and no nvtx package (the package is optional now): --nvtx is refused with
+    # one line that names both ways to get NVTX, before the run starts.
+    _cpu_torch_nvtx(monkeypatch)
+    monkeypatch.setitem(sys.modules, "nvtx", None)  # import nvtx -> ImportError
+    with pytest.raises(profiling.NvtxUnavailable):
+        profiling.enable_nvtx(True)
+    assert not profiling.nvtx_enabled()
+    assert train.main(TINY + ["--out", str(tmp_path / "run"), "--nvtx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("progan_fast.train: error: --nvtx needs NVTX") and "Traceback" not in "".join(err)
+    assert "torch.cuda.nvtx" in err[-1] and "pip install nvtx" in err[-1]
+    assert not list((tmp_path / "run").glob("**/*.pt"))  # nothing trained, nothing saved
 
 
 def test_cuda_profiler_window_starts_and_stops_once(monkeypatch):

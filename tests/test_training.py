@@ -202,6 +202,14 @@ def op_timer(flip=frozenset(), timed=None):
     return timer
 
 
+def auto_wins_step_checks(monkeypatch):
+    """Every phase's step check (progan_fast/step_choice.py) keeps auto's choices, whatever the
+    machine measures, so runs that are compared bit for bit train with the same backends."""
+    from progan_fast import step_choice
+
+    monkeypatch.setattr(step_choice, "TIMER", lambda setup, run: (run(), 1.0 if setup.backend == "auto" else 2.0)[1])
+
+
 needs_cpu_backend = pytest.mark.skipif("cpu" not in ops.all_op_implementations()["pixel_norm"],
                                        reason="the native library (cpu backend) is not built")
 
@@ -210,6 +218,7 @@ needs_cpu_backend = pytest.mark.skipif("cpu" not in ops.all_op_implementations()
 def test_resume_with_auto_is_bit_identical_and_times_nothing_the_checkpoint_chose(tmp_path, monkeypatch, capsys):
     autotune = ops.autotune
     common = TINY + ["--loss", "wgan-gp", "--backend", "auto"]
+    auto_wins_step_checks(monkeypatch)
     monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(timer=op_timer()))
     assert train.main(common + ["--out", str(tmp_path / "whole")]) == 0
     assert train.main(common + ["--out", str(tmp_path / "split"), "--stop-after-kimg", "0.152"]) == 0
@@ -230,6 +239,7 @@ def test_resume_with_auto_is_bit_identical_and_times_nothing_the_checkpoint_chos
 @needs_cpu_backend
 def test_auto_prints_one_line_per_op_family_and_logs_its_choices(tmp_path, monkeypatch, capsys):
     autotune = ops.autotune
+    auto_wins_step_checks(monkeypatch)
     monkeypatch.setattr(autotune, "TUNER", autotune.Autotuner(timer=op_timer()))
     out = tmp_path / "run"
     assert train.main(TINY + ["--backend", "auto", "--out", str(out)]) == 0

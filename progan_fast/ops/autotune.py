@@ -14,12 +14,17 @@ every candidate backend on those very inputs and keeps the fastest for the rest 
 - **Candidates** (:data:`CANDIDATES`): on CPU tensors ``reference`` and ``cpu``; on CUDA tensors
   ``reference``, ``cuda`` and ``triton`` (never Triton's interpreter: it is for tests). A
   candidate that is not built here, or raises on these inputs, is skipped and its reason kept.
-- **Timing** (:func:`fastest_seconds`): one warm-up call, then :data:`REPEATS` timed calls, the
-  fastest; on CUDA synchronized around each. The fastest, not the median: other work on the
+- **Timing**: one warm-up call, then :data:`REPEATS` timed samples, the fastest. On the CPU a
+  sample is one call between two reads of the host clock (:func:`fastest_seconds`). On CUDA it
+  is N back-to-back calls between two CUDA events, divided by N (:func:`event_seconds`): one call
+  between two host synchronizations would measure Python dispatch and launch latency for the
+  small layers, which the GPU hides when it is busy and CUDA graphs remove; N is sized so that a
+  sample lasts about :data:`TARGET_SAMPLE_SECONDS`. The fastest, not the median: other work on the
   machine only ever adds time, and on a busy 2-core CPU a median of a few ms-long calls was seen
   to pick a backend 100x "slower" than it is. When the inputs require grad a call is the forward
   plus a backward with a gradient of ones, on detached copies, so the real autograd graph is
-  untouched. The clock, or the whole timer, is injectable, so tests choose winners without noise.
+  untouched. The clock, the CUDA events, or the whole timer, are injectable, so tests choose
+  winners without noise.
 - **Ties**: every candidate within :data:`TIE_TOLERANCE` of the fastest counts as tied, and the
   first of :data:`TIE_ORDER` wins: ``reference`` first, since leaving plain PyTorch for no measured
   gain buys nothing, then the native backends, then Triton.
@@ -31,6 +36,7 @@ every candidate backend on those very inputs and keeps the fastest for the rest 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -49,6 +55,11 @@ TIE_ORDER = ("reference", "cpu", "cuda", "triton")
 TIE_TOLERANCE = 0.03
 WARMUP_CALLS = 1
 REPEATS = 5
+#: On CUDA a timed sample is as many back-to-back calls as last about this long (from one call's
+#: time), at most :data:`MAX_CALLS_PER_SAMPLE`: long enough that launch latency is hidden behind
+#: the queued work, short enough that 5 samples of 3 backends cost a few tens of ms per key.
+TARGET_SAMPLE_SECONDS = 2e-3
+MAX_CALLS_PER_SAMPLE = 100
 
 
 class AutotuneDuringCaptureError(RuntimeError):
@@ -194,6 +205,37 @@ def fastest_seconds(run: Callable[[], object], clock: Callable[[], float] = time
     return min(times)
 
 
+def event_seconds(run: Callable[[], object], events: Callable[[], object] | None = None,
+                  warmup: int = WARMUP_CALLS, repeats: int = REPEATS, target: float | None = None,
+                  max_calls: int | None = None) -> float:
+    """Seconds per call on a CUDA device, as the GPU sees it: after ``warmup`` calls, one call
+    between two events sizes the samples (N calls lasting about ``target``, at most ``max_calls``;
+    defaults :data:`TARGET_SAMPLE_SECONDS`, :data:`MAX_CALLS_PER_SAMPLE`), then the fastest of
+    ``repeats`` samples of N back-to-back calls between two events, divided by N.
+
+    ``events()`` makes one timing event (default ``torch.cuda.Event(enable_timing=True)``):
+    anything with ``record()``, ``synchronize()`` and ``elapsed_time(end)`` in milliseconds.
+    Only the end event is waited for; nothing else synchronizes with the host."""
+    make = events or (lambda: torch.cuda.Event(enable_timing=True))
+    target = TARGET_SAMPLE_SECONDS if target is None else target
+    max_calls = MAX_CALLS_PER_SAMPLE if max_calls is None else max_calls
+
+    def sample(calls: int) -> float:
+        start, end = make(), make()
+        start.record()
+        for _ in range(calls):
+            run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0 / calls
+
+    for _ in range(warmup):
+        run()
+    one = sample(1)  # only sizes the samples: a lone call also holds its launch latency
+    calls = max(1, min(max_calls, math.ceil(target / one) if one > 0 else max_calls))
+    return min(sample(calls) for _ in range(repeats))
+
+
 def pick(seconds: Mapping[str, float], order=TIE_ORDER, tolerance: float = TIE_TOLERANCE) -> str:
     """The fastest backend; those within ``tolerance`` of it are tied and ``order`` decides."""
     best = min(seconds.values())
@@ -214,17 +256,18 @@ def _first_line(e: BaseException) -> str:
 class Autotuner:
     """The process's choices: a hot table by :func:`signature`, the :class:`Choice` by its string.
 
-    ``timer(trial) -> seconds`` times one candidate (default: :func:`fastest_seconds` of
-    ``trial.run`` with ``clock``, synchronized on CUDA); ``caches(device)`` gives the disk cache
+    ``timer(trial) -> seconds`` times one candidate (default: on CUDA :func:`event_seconds` of
+    ``trial.run`` with ``events``, elsewhere :func:`fastest_seconds` with ``clock``); ``caches(device)`` gives the disk cache
     for a device or None (default: :func:`autotune_cache.for_device`, which reads
     ``PROGAN_FAST_AUTO_CACHE``); ``capturing()`` says whether a CUDA graph capture is under way.
     """
 
     def __init__(self, timer: Callable[[Trial], float] | None = None, clock: Callable[[], float] = time.perf_counter,
                  caches: Callable[[torch.device], autotune_cache.ChoiceCache | None] | None = None,
-                 capturing: Callable[[], bool] = _capturing) -> None:
+                 capturing: Callable[[], bool] = _capturing, events: Callable[[], object] | None = None) -> None:
         self.timer = timer or self._default_timer
         self.clock = clock
+        self.events = events
         self.caches = caches or autotune_cache.for_device
         self.capturing = capturing
         self.reset()
@@ -235,12 +278,13 @@ class Autotuner:
         self._adopted: dict[str, str] = {}
         self.choices: dict[str, Choice] = {}
         self._unreported: list[Choice] = []
-        self._cache_by_device: dict[torch.device, autotune_cache.ChoiceCache | None] = {}
+        self._cache_by_device: dict[tuple[torch.device, str], autotune_cache.ChoiceCache | None] = {}
 
     def _default_timer(self, trial: Trial) -> float:
         device = trial.device
         if device is not None and device.type == "cuda":
-            return fastest_seconds(trial.run, self.clock, lambda: torch.cuda.synchronize(device))
+            with torch.cuda.device(device) if self.events is None else nullcontext():  # events on its stream
+                return event_seconds(trial.run, self.events)
         return fastest_seconds(trial.run, self.clock)
 
     def adopt(self, choices: Mapping[str, str]) -> None:
@@ -260,10 +304,14 @@ class Autotuner:
         return self._fast.get(key)
 
     def _cache(self, device: torch.device | None) -> autotune_cache.ChoiceCache | None:
+        # Looked up again for every new key (not per call): the environment includes the fp32
+        # precision policy, which a process may change, and a choice timed under one policy must
+        # go to, and come from, that policy's file only.
         device = device or torch.device("cpu")
-        if device not in self._cache_by_device:
-            self._cache_by_device[device] = self.caches(device)
-        return self._cache_by_device[device]
+        where = (device, autotune_cache.file_name(autotune_cache.environment(device)))
+        if where not in self._cache_by_device:
+            self._cache_by_device[where] = self.caches(device)
+        return self._cache_by_device[where]
 
     def select(self, key: tuple, impls: Mapping[str, Callable], skipped: Mapping[str, str], args: tuple) -> str:
         """The backend for a key seen for the first time in this process, among ``impls`` (the

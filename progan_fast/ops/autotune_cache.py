@@ -2,8 +2,11 @@
 
 A choice is only valid for the machine and the code that measured it, so each cache file belongs
 to one *environment* (:func:`environment`): the device's name (for the CPU its model and
-PyTorch's thread count, which decides how fast each backend is), and the torch, triton and
-native-library versions (the library by a hash of its file, since it has no version of its own).
+PyTorch's thread count, which decides how fast each backend is), the torch, triton and
+native-library versions (the library by a hash of its file, since it has no version of its own),
+on CUDA the cuDNN and driver versions (either can change which kernel a convolution runs), and
+the fp32 precision policy (:func:`precision_policy`: TF32 or exact, which changes what
+cuBLAS/cuDNN compute and how fast, so a choice timed under one is never reused under the other).
 The file is ``autotune-<hash of the environment>.json`` and repeats the environment inside, so a
 file that does not match it, whatever its name, is ignored and then replaced.
 
@@ -25,6 +28,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,12 +66,59 @@ def _triton_version() -> str | None:
     return getattr(triton_backend.triton, "__version__", None)
 
 
+def _read(getter):
+    """A setting's value, or None where this torch lacks it (or refuses to read it: some versions
+    raise on the old ``allow_tf32`` flags once the newer ``fp32_precision`` ones were set)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = getter()
+    except Exception:
+        return None
+    return value if isinstance(value, (bool, int, str)) or value is None else str(value)
+
+
+#: The ``fp32_precision`` settings of newer torch (2.9+), where present: relative to ``torch.backends``.
+FP32_PRECISION_SETTINGS = ("fp32_precision", "cuda.matmul.fp32_precision", "cudnn.fp32_precision",
+                           "cudnn.conv.fp32_precision", "mkldnn.fp32_precision", "mkldnn.matmul.fp32_precision",
+                           "mkldnn.conv.fp32_precision")
+
+
+def _setting(path: str):
+    obj = torch.backends
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def precision_policy() -> dict:
+    """How fp32 matmuls and convolutions may round: ``torch.get_float32_matmul_precision()``, the
+    TF32 switches and, where this torch has them, the ``fp32_precision`` settings (None: absent)."""
+    policy = {"float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+              "cuda.matmul.allow_tf32": _read(lambda: torch.backends.cuda.matmul.allow_tf32),
+              "cudnn.allow_tf32": _read(lambda: torch.backends.cudnn.allow_tf32)}
+    for path in FP32_PRECISION_SETTINGS:
+        value = _read(lambda path=path: _setting(path))
+        if value is not None:
+            policy[path] = value
+    return policy
+
+
+def driver_version() -> int | None:
+    """The CUDA driver's version (e.g. 13000), or None where torch cannot say."""
+    getter = getattr(torch.cuda, "driver_version", None) or getattr(torch._C, "_cuda_getDriverVersion", None)
+    return None if getter is None else _read(getter)
+
+
 def environment(device: torch.device) -> dict:
     """What a choice on ``device`` depends on besides the op and its inputs."""
     env = {"device": f"{device.type}: {device_name(device)}", "torch": torch.__version__,
-           "triton": _triton_version(), "native": _native_version()}
+           "triton": _triton_version(), "native": _native_version(), "fp32": precision_policy()}
     if device.type == "cpu":
         env["threads"] = torch.get_num_threads()
+    if device.type == "cuda":
+        env["cudnn"] = _read(torch.backends.cudnn.version)
+        env["driver"] = driver_version()
     return env
 
 
