@@ -69,6 +69,8 @@ def compile_spec(spec, arch: int):
 
 
 def compile_and_measure(spec, arch: int, workdir: pathlib.Path) -> dict:
+    import triton
+
     compiled = compile_spec(spec, arch)
     cubin = workdir / f"kernel_sm{arch}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
