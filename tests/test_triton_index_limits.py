@@ -102,7 +102,7 @@ def _flat_blocks():
     blocks = [c.kwargs["BLOCK"] for c in elementwise.GPU_CONFIGS + elementwise.GPU_CONFIGS_2X2]
     blocks.append(elementwise._INTERPRETER_MAX_BLOCK)
     blocks += [c.kwargs["BLOCK_P"] for c in pixel_norm_kernels._GPU_CONFIGS]
-    blocks += [c.kwargs["BLOCK_F"] for c in mbstd_kernels._GPU_CONFIGS_F]
+    blocks += [c.kwargs["BLOCK_F"] for c in mbstd_kernels._GPU_CONFIGS_F + mbstd_kernels._GPU_CONFIGS_F_FWD]
     blocks += [c.kwargs["BLOCK"] for c in mbstd_kernels._GPU_CONFIGS_R]
     blocks += [mbstd_kernels._interp_block_f(2**31), mbstd_kernels._interp_block(2**31)]
     for cfgs in list(conv_kernels._CONV_CONFIGS.values()) + list(conv_kernels._CONV_PN_CONFIGS.values()):
