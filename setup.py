@@ -8,17 +8,17 @@ cpp_extension against the torch that is installed, so install torch first and bu
 isolation (README: ``pip install --no-build-isolation``): an isolated build would compile against
 a second, possibly different torch and the library would not load. Which variant is built:
 
-- CUDA kernels + CPU twins when torch is a CUDA build, nvcc is found and CUDA is wanted:
-  ``PROGAN_FAST_CUDA=1`` forces it, ``PROGAN_FAST_CUDA=0`` forbids it, unset means "when a GPU is
-  visible" (so a plain install on a machine without a GPU stays quick);
-- the CPU twins only, otherwise;
+- CUDA kernels + CPU twins when torch is a CUDA build, nvcc is found, its major CUDA version is
+  torch's, and CUDA is wanted: ``PROGAN_FAST_CUDA=1`` forces it, ``PROGAN_FAST_CUDA=0`` forbids it,
+  unset means "when a GPU is visible" (so a plain install on a machine without a GPU stays quick);
+- the CPU twins only, otherwise (``kernels/build_config.py`` decides, and is tested);
 - nothing when torch is not importable at build time (the native backends then report themselves
   unavailable, with the reason). One line on stderr says which.
 """
 
 import glob
+import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -31,35 +31,13 @@ def _say(message: str) -> None:
     print(f"progan_fast: {message}", file=sys.stderr, flush=True)
 
 
-def _find_nvcc_home() -> str | None:
-    """The first complete CUDA toolkit (bin/nvcc and include/crt/host_config.h) among CUDA_HOME, the
-    nvcc on PATH, /usr/local/cuda and the newest /usr/local/cuda-*. (torch's own detection can settle
-    on a directory whose nvcc is a wrapper without the toolkit's headers.)"""
-    candidates = [os.environ.get("CUDA_HOME")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for home in filter(None, candidates):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and \
-                os.path.exists(os.path.join(home, "include", "crt", "host_config.h")):
-            return os.path.realpath(home)
-    return None
-
-
-def _want_cuda(torch) -> tuple[bool, str]:
-    wanted = os.environ.get("PROGAN_FAST_CUDA", "").strip()
-    if wanted == "0":
-        return False, "PROGAN_FAST_CUDA=0"
-    if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU build"
-    home = _find_nvcc_home()
-    if home is None:
-        return False, "no CUDA toolkit with nvcc found (set CUDA_HOME)"
-    if wanted != "1" and not torch.cuda.is_available():
-        return False, "no GPU visible (PROGAN_FAST_CUDA=1 builds the CUDA kernels anyway)"
-    os.environ["CUDA_HOME"] = home  # before cpp_extension is imported: it reads CUDA_HOME once
-    return True, f"torch {torch.__version__}, nvcc in {home}"
+def _build_config():
+    """kernels/build_config.py, loaded by path: the build runs from the source tree, not an install."""
+    spec = importlib.util.spec_from_file_location("progan_fast_build_config",
+                                                  os.path.join(ROOT, KERNELS, "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_wheel_includes() -> list[str]:
@@ -102,8 +80,8 @@ def _extensions():
         _say("building WITHOUT the native library: torch is not importable at build time "
              "(install torch first, then pip install --no-build-isolation)")
         return [], {}
-    with_cuda, why = _want_cuda(torch)
-    from torch.utils import cpp_extension  # after _want_cuda: it reads CUDA_HOME when imported
+    with_cuda, why = _build_config().want_cuda(torch)
+    from torch.utils import cpp_extension  # after want_cuda: it reads CUDA_HOME when imported
 
     # Every op's sources by glob (CMakeLists.txt globs the same): the CPU twins and the glue always;
     # the glue's CUDA half (#ifdef PROGAN_WITH_CUDA) and the .cu kernels only in CUDA builds.

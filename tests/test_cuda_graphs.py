@@ -139,3 +139,25 @@ def test_default_backend_graphed_run_from_the_cli(tmp_path):
     final = final_state(out)
     assert final["phase_index"] == 3 and all(torch.isfinite(t).all() for t in final["D"].values())
     assert TrainConfig.from_dict(final["config"]).loss == "wgan-gp"
+
+
+def test_recapture_after_a_capture_left_memory_in_its_pool():
+    """An allocation made during a capture that outlives its graph (as the cuBLAS workspace of the
+    capture stream does) keeps that capture's private pool alive with no graph using it; capturing
+    into that pool again trips PyTorch's allocator assertion. Each capture here gets a pool of its own."""
+    lin = torch.nn.Linear(64, 64).cuda()
+    x, out = torch.randn(8, 64, device="cuda"), torch.zeros(8, 64, device="cuda")
+    survivors = []
+
+    def step():
+        if torch.cuda.is_current_stream_capturing():
+            survivors.append(torch.empty(4096, device="cuda"))  # allocated in the graph's pool, kept after it
+        out.copy_(lin(x))
+
+    graphs = StageGraphs(warmup=1)
+    for phase in range(3):
+        for _ in range(3):
+            graphs.step(phase, step)
+    torch.cuda.synchronize()
+    assert graphs.captures == 3 and len(survivors) == 3
+    torch.testing.assert_close(out, lin(x))

@@ -123,17 +123,19 @@ def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     """Returns ``(y, r)``: ``r`` ``[N, 1, H, W]`` is pixel norm's per-pixel ``rsqrt(mean(a^2) + eps)``
     (saved for the backward), an empty tensor without pixel norm."""
     triton_backend.check_device("conv2d_bias_lrelu", *([x, weight] if bias is None else [x, weight, bias]))
-    x, cl = dense_layout(x)
     n, cin, h, w = x.shape
     cout = weight.shape[0]
+    oh, ow = (2 * h, 2 * w) if upsample else (h, w)
+    # int32 offsets, and the row index (output pixels, at most y's size) runs a block past its end;
+    # checked before dense_layout may copy x.
+    triton_backend.check_index_count("conv2d_bias_lrelu", x.numel(), f"the input {tuple(x.shape)}")
+    triton_backend.check_index_count("conv2d_bias_lrelu", n * cout * oh * ow, f"the output {(n, cout, oh, ow)}")
+    x, cl = dense_layout(x)
     if weight.shape[1] != cin:
         raise ValueError(f"conv2d_bias_lrelu: input has {cin} channels, weight {tuple(weight.shape)}")
     if pixel_norm and cout > kernels.PIXEL_NORM_MAX_COUT:
         raise ValueError(
             f"conv2d_bias_lrelu: fused pixel norm needs Cout <= {kernels.PIXEL_NORM_MAX_COUT}, got {cout}")
-    oh, ow = (2 * h, 2 * w) if upsample else (h, w)
-    if max(x.numel(), n * cout * oh * ow) >= 2**31:
-        raise ValueError("conv2d_bias_lrelu (triton): tensors of 2**31 elements or more are not supported")
     y = torch.empty(n, cout, oh, ow, device=x.device, dtype=x.dtype, memory_format=memory_format(cl))
     r = torch.empty((n, 1, oh, ow) if pixel_norm else (0,), device=x.device, dtype=_acc_dtype(x))
     if y.numel():

@@ -65,11 +65,12 @@ def _downsample2x_backward_op(grad: torch.Tensor, height: int, width: int) -> to
     """``grad`` ``[N, C, H // 2, W // 2]`` -> ``dx`` ``[N, C, H, W]``: nearest 2x upsample of ``grad / 4``,
     in ``grad``'s layout."""
     triton_backend.check_device("downsample2x_backward", grad)
-    grad, channels_last = dense_layout(grad)
     n, c, _, _ = grad.shape
+    triton_backend.check_index_count("downsample2x_backward", n * c * height * width,
+                                     f"the gradient {(n, c, height, width)}")  # before allocating it
+    grad, channels_last = dense_layout(grad)
     dx = torch.empty(n, c, height, width, dtype=grad.dtype, device=grad.device,
                      memory_format=memory_format(channels_last))
-    elementwise.check_size("downsample2x_backward", dx)
     kernels.downsample2x_backward(grad, dx, channels_last)
     return dx
 

@@ -86,6 +86,8 @@ def _dims(x: torch.Tensor, group_size: int):
         raise ValueError(f"minibatch_stddev expects an [N, C, H, W] tensor, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     g = effective_group_size(n, group_size)
+    # Offsets within a sample's output row ((C + 1) * H * W) and its feature index are int32.
+    triton_backend.check_index_count("minibatch_stddev", (c + 1) * h * w, f"one output row of {tuple(x.shape)}")
     return n, c, h * w, g, n // g
 
 

@@ -46,9 +46,16 @@ def reference(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 # ----- custom ops: Triton's progan_fast:: ops, and fake tensors for the native ones --------------
 
+def _check_sample_size(op: str, x: torch.Tensor) -> None:
+    """The kernels' offsets within a sample (and its pixel index) are int32; the sample offset is int64."""
+    if x.dim() >= 2 and x.shape[0]:
+        triton_backend.check_index_count(op, x.numel() // x.shape[0], f"one sample of {tuple(x.shape)}")
+
+
 @torch.library.custom_op("progan_fast::pixel_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _pixel_norm_op(x: torch.Tensor, eps: float) -> torch.Tensor:
     triton_backend.check_device("pixel_norm", x)
+    _check_sample_size("pixel_norm", x)
     x, cl = dense_layout(x)
     y = torch.empty_like(x, memory_format=memory_format(cl))
     if y.numel():
@@ -65,6 +72,7 @@ def _pixel_norm_op_fake(x, eps):
 @torch.library.custom_op("progan_fast::pixel_norm_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _pixel_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     triton_backend.check_device("pixel_norm_backward", grad, x)
+    _check_sample_size("pixel_norm_backward", x)
     x, cl = dense_layout(x)
     grad = to_layout(grad, cl)
     dx = torch.empty_like(x, memory_format=memory_format(cl))

@@ -16,6 +16,11 @@
   kernels in float64 under the interpreter).
 - Every kernel module lists in ``AOT_SPECS`` the compilations :mod:`progan_fast.ops.kernel_report`
   checks for registers and spills (see :class:`AotSpec`).
+- Index arithmetic is int32 (int64 offsets would cost the hot elementwise kernels registers): a
+  flat index ``pid * BLOCK + arange(BLOCK)`` runs up to ``BLOCK - 1`` past the last element, and
+  past ``2**31 - 1`` it wraps negative and passes the ``i < n`` mask. So every op refuses, before
+  it allocates or copies anything, a tensor (or, for the per-sample kernels, a sample) of more than
+  :data:`MAX_INDEX_COUNT` elements (:func:`check_index_count`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ except ImportError:  # the backend then reports itself unavailable
     tl = None
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: The largest block any launch runs along one flat index: the interpreter's one-program block of
+#: the elementwise kernels. Every GPU config's block is smaller (tests/test_triton_index_limits.py).
+MAX_FLAT_BLOCK = 65536
+#: The most elements a launch may index in int32: the last program's last index,
+#: ``count - 1 + MAX_FLAT_BLOCK - 1`` at worst, stays below ``2**31``.
+MAX_INDEX_COUNT = 2**31 - MAX_FLAT_BLOCK
 
 
 @functools.cache
@@ -64,6 +76,14 @@ def check_device(op: str, *tensors: torch.Tensor) -> None:
             + ("a CUDA device" if not INTERPRETER else "CPU or CUDA")
             + "; set TRITON_INTERPRET=1 before importing triton to run Triton kernels on the CPU"
         )
+
+
+def check_index_count(op: str, count: int, what: str) -> None:
+    """Refuse ``count`` elements (of ``what``, named in the error) past int32 indexing's reach."""
+    if count > MAX_INDEX_COUNT:
+        raise ValueError(
+            f"progan_fast::{op} (triton): {what} has {count} elements, more than the {MAX_INDEX_COUNT} "
+            f"(2**31 - {MAX_FLAT_BLOCK}) its int32 index arithmetic can address; use the reference backend")
 
 
 def compute_dtype(t: torch.Tensor):

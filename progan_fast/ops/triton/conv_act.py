@@ -167,7 +167,8 @@ if triton is not None:
     # small BLOCK_K (16, the smallest triton 3.6 accepts). "tensor_core" (bf16 / fp16): tensor cores.
     # "tf32" (fp32 where PyTorch allows TF32 convs): tensor cores on fp32 operands, which take twice
     # the registers and shared memory of bf16 ones: the tensor-core tiles with fewer stages, and
-    # BLOCK_K 16 where 32 spills (64 x 128 on sm_80); the fused pixel norm's tiles are narrower in
+    # BLOCK_K 16 where 32 spills (64 x 128 on sm_80; 32 x 128 on sm_90 once compiled with the
+    # launch's divisibility-16 specialization, 8 B on triton 3.9); the fused pixel norm's tiles are narrower in
     # M than the "ieee" ones (64 x 256 spills on sm_90, and 512-wide tiles with BLOCK_K 32 on 3.6).
     # "fp64" (gradcheck and the GPU-vs-CPU tests, never training): rank-1 updates, BLOCK_K 1, one
     # stage (with two, 64x64 spills on triton 3.9). (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages):
@@ -176,19 +177,20 @@ if triton is not None:
                        (64, 32, 16, 4, 2), (32, 32, 16, 4, 2), (128, 32, 16, 4, 2)]),
         "tensor_core": _cfgs([(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3), (32, 128, 32, 4, 3),
                               (64, 32, 32, 4, 3), (16, 128, 64, 4, 3), (128, 16, 32, 4, 3), (32, 32, 64, 4, 3)]),
-        "tf32": _cfgs([(128, 64, 32, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 2), (32, 128, 32, 4, 2),
+        "tf32": _cfgs([(128, 64, 32, 8, 2), (64, 128, 16, 8, 2), (64, 64, 32, 4, 2), (32, 128, 16, 4, 2),
                        (64, 32, 32, 4, 2), (128, 16, 32, 4, 2), (32, 32, 32, 4, 2)]),
         "fp64": _cfgs([(64, 64, 1, 8, 1), (32, 64, 1, 4, 1)]),
     }
     # Fused pixel norm: BLOCK_N = next_pow2(Cout) is fixed by the wrapper; configs per BLOCK_N bucket
     # (<= 128, 256, 512) as (BLOCK_M, BLOCK_K, warps, stages), keyed by (kind, bucket). The widest
     # fp32 tiles (64 x 256, 32 x 512: 64 accumulators a thread) run one stage: with a second one
-    # triton 3.6 spills them; 3.9 does not. The smaller BLOCK_M next to them keeps two stages and
-    # gives low resolutions more programs.
+    # triton 3.6 spills them; 3.9 does not. So does 32 x 256 (with two stages, 8 B on sm_80 with the
+    # launch's divisibility-16 specialization, triton 3.9). The other smaller BLOCK_M keep two stages
+    # and give low resolutions more programs.
     _PN_BUCKETS = (128, 256, 512)
     _CONV_PN_CONFIGS = {
         ("ieee", 128): _cfgs([(64, 16, 8, 2), (32, 16, 8, 2), (16, 16, 4, 2)], with_n=False),
-        ("ieee", 256): _cfgs([(64, 16, 8, 1), (32, 16, 8, 2)], with_n=False),
+        ("ieee", 256): _cfgs([(64, 16, 8, 1), (32, 16, 8, 1)], with_n=False),
         ("ieee", 512): _cfgs([(32, 16, 8, 1), (16, 16, 8, 2)], with_n=False),
         ("tensor_core", 128): _cfgs([(64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 8, 3)], with_n=False),
         ("tensor_core", 256): _cfgs([(64, 32, 8, 3), (32, 32, 8, 3)], with_n=False),
@@ -206,10 +208,13 @@ if triton is not None:
     # NHWC: the same configs but where one spills with triton 3.6 (the GPU machines') in that layout,
     # replaced by its BLOCK_K-halved twin (regs/spill on sm_80 with 3.6: tf32 128x16x32 255/32 B ->
     # 128x16x16 178/0; bf16 16x128x64 255/32 B -> 16x128x32 232/0; bf16 fused pixel norm 512-wide,
-    # BLOCK_M 32 and 16 with BLOCK_K 32: 152 B and 32 B -> BLOCK_K 16 254/0 and 227/0).
+    # BLOCK_M 32 and 16 with BLOCK_K 32: 152 B and 32 B -> BLOCK_K 16 254/0 and 227/0). Compiled with
+    # the launch's divisibility-16 specialization (triton 3.9): ieee 64x32x16 spills 8 B on sm_80 with
+    # two stages -> one stage 71/0; bf16 16x128x32 24 B on sm_90 -> 16x128x16 64/0.
     _NHWC_REPLACEMENTS = {
+        "ieee": {(64, 32, 16, 4, 2): (64, 32, 16, 4, 1)},
         "tf32": {(128, 16, 32, 4, 2): (128, 16, 16, 4, 2)},
-        "tensor_core": {(16, 128, 64, 4, 3): (16, 128, 32, 4, 3)},
+        "tensor_core": {(16, 128, 64, 4, 3): (16, 128, 16, 4, 3)},
         ("tensor_core", 512): {(32, 32, 8, 3): (32, 16, 8, 3), (16, 32, 8, 3): (16, 16, 8, 3)},
     }
 

@@ -11,19 +11,19 @@ high-resolution element is read and/or written exactly once, in contiguous pairs
   :func:`autotune`, which keys a kernel's autotuning on its element count;
 - :func:`launch`: runs a kernel over ``n`` indices (autotuned on a GPU, one large block under the
   interpreter);
-- :func:`check_size`: index arithmetic is int32, so tensors of 2**31 elements or more are refused.
+- :func:`check_size`: index arithmetic is int32, so tensors of more than
+  :data:`~progan_fast.ops.triton.MAX_INDEX_COUNT` elements (``2**31`` less the largest block) are refused.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import compute_dtype, on_interpreter, tl, triton
+from . import MAX_FLAT_BLOCK, check_index_count, compute_dtype, on_interpreter, tl, triton
 
-_MAX_NUMEL = 2**31 - 1
 #: The interpreter's block: one large program per launch (it pays per program); tests lower it
 #: to run several programs and the tail mask of the last one.
-_INTERPRETER_MAX_BLOCK = 65536
+_INTERPRETER_MAX_BLOCK = MAX_FLAT_BLOCK
 
 if triton is not None:
 
@@ -49,9 +49,10 @@ def autotune(kernel, numel_arg: str, configs: list):
 
 
 def check_size(op: str, *tensors: torch.Tensor) -> None:
+    """Refuse tensors the kernels' int32 indices cannot reach (a flat index runs over each tensor, or
+    over its 2x2 blocks with offsets into it); call it before any copy or allocation."""
     for t in tensors:
-        if t.numel() > _MAX_NUMEL:
-            raise ValueError(f"progan_fast::{op} (triton): {tuple(t.shape)} has 2**31 or more elements")
+        check_index_count(op, t.numel(), f"the tensor {tuple(t.shape)}")
 
 
 def launch(kernel, tuned, args: tuple, n: int, like: torch.Tensor) -> None:

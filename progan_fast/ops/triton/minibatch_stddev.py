@@ -144,9 +144,16 @@ if triton is not None:
         triton.Config({"BLOCK_F": bf}, num_warps=w)
         for bf, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]
     ]
+    # The forward at most 4 features a thread: with 8 (1024 on 4 warps, 2048 on 8), compiled with
+    # the launch's divisibility-16 specialization, fp32 NCHW needs a 16-byte stack frame on sm_80
+    # (triton 3.9); with twice the warps it needs none.
+    _GPU_CONFIGS_F_FWD = [
+        triton.Config({"BLOCK_F": bf}, num_warps=w)
+        for bf, w in [(256, 2), (512, 4), (1024, 8), (2048, 16)]
+    ]
     # Small reductions over the partials / over the last-channel gradient.
     _GPU_CONFIGS_R = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(128, 1), (512, 4)]]
-    _mbstd_fwd_tuned = triton.autotune(_GPU_CONFIGS_F, key=["F", "M", "G", "CL"])(_mbstd_fwd_kernel)
+    _mbstd_fwd_tuned = triton.autotune(_GPU_CONFIGS_F_FWD, key=["F", "M", "G", "CL"])(_mbstd_fwd_kernel)
     _mbstd_stat_tuned = triton.autotune(_GPU_CONFIGS_R, key=["P", "M", "G", "NB", "CL"])(_mbstd_stat_kernel)
     _mbstd_gsum_tuned = triton.autotune(_GPU_CONFIGS_R, key=["P", "M", "G", "CL"])(_mbstd_gsum_kernel)
     _mbstd_bwd_tuned = triton.autotune(_GPU_CONFIGS_F, key=["F", "M", "G", "CL"])(_mbstd_bwd_kernel)
@@ -161,7 +168,7 @@ if triton is not None:
             aot_specs_for_configs(
                 "mbstd_fwd", _mbstd_fwd_kernel,
                 {"x_ptr": "*T", "out_ptr": "*T", "part_ptr": "*fp32", **_I, "G": "i32", "NB": "i32", "eps": "fp32"},
-                _GPU_CONFIGS_F, {"PART": _PART, "CL": cl})
+                _GPU_CONFIGS_F_FWD, {"PART": _PART, "CL": cl})
             + aot_specs_for_configs(
                 "mbstd_stat", _mbstd_stat_kernel,
                 {"part_ptr": "*fp32", "out_ptr": "*T", **_I, "G": "i32", "NB": "i32"},
