@@ -154,7 +154,9 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
             scale = state.scaler_D.scale if state.scaler_D is not None else None
             d_loss, stats = losses.discriminator_loss(state.loss, critic(D_train), reals, fakes, grad_scale=scale, mix=mix,
                                                       real_labels=real_labels, fake_labels=labels_d,
-                                                      cond_weight=state.cond_weight)
+                                                      cond_weight=state.cond_weight,
+                                                      penalty_norm_scale=losses.penalty_norm_scale(
+                                                          res, state.config.max_res, state.gp_resolution))
     state.opt_D.zero_grad(set_to_none=True)
     d_bad = _backward_and_step(state, d_loss, "D")
 
