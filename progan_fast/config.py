@@ -25,7 +25,7 @@ from .cli import UsageError
 from .gan_state import AMP_DTYPES
 from .losses import GP_RESOLUTIONS, LOSSES, PENALIZED
 from .networks import NetworkConfig
-from .schedule import OFFICIAL_TOTAL_KIMG, PAPER_BATCH, RESOLUTIONS, Phase, build_schedule
+from .schedule import OFFICIAL_TOTAL_KIMG, PAPER_BATCH, RESOLUTIONS, Phase, build_schedule, official_tables
 
 #: Settings of the two presets. ``laptop`` (the default) is sized so that the run with no flags
 #: finishes in about ten minutes on two CPU cores; its phases are a few hundred steps, too short
@@ -59,10 +59,13 @@ def resolution_table(value, what: str = "value") -> tuple[tuple[int, float], ...
     """A per-resolution setting as a sorted tuple of ``(res, value)`` pairs covering every resolution.
 
     ``value``: one number (every resolution), a ``{res: value}`` table (keys may be strings, as JSON
-    has them), or for the batch None (the official one-GPU table, what a run before tables stored).
+    has them), "official" (the official one-GPU preset's table), or for the batch None (the same
+    table: what a run stored before tables).
     """
     if value is None and what == "batch":
         value = PAPER_BATCH
+    if value == "official":  # the one-GPU preset's (the CLI picks the table for its number of ranks)
+        value = official_tables(1)[0 if what == "batch" else 1]
     if isinstance(value, (tuple, list)):  # already pairs (dataclasses.replace passes them back in)
         value = dict(value)
     if isinstance(value, Mapping):
