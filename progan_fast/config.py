@@ -133,16 +133,16 @@ class TrainConfig:
 
     @classmethod
     def normalize_dict(cls, d: dict) -> dict:
-        """A stored config as :meth:`to_dict` writes it today: settings it lacks get the value that
-        reproduces the version that wrote it (:data:`LEGACY`), and tables their full form. Keys this
-        version does not know are kept, for the caller to refuse."""
+        """A stored config as :meth:`to_dict` writes it today: the settings of :data:`LEGACY` that it
+        lacks get the value that reproduces the version that wrote it, and tables their full form.
+        Keys this version does not know, and other missing ones, are left so, for the caller to refuse."""
         d = dict(d)
         for name, legacy in LEGACY.items():
             if name not in d:
                 d[name] = legacy(d)
         names = {f.name for f in dataclasses.fields(cls)}
         known = cls(**{k: v for k, v in d.items() if k in names}).to_dict()
-        return {**d, **known}
+        return {**d, **{k: v for k, v in known.items() if k in d}}  # other missing settings stay missing
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
