@@ -124,7 +124,11 @@ def test_two_gloo_ranks_train_to_the_same_weights_as_one_process(tmp_path):
     penalty's double backward under DDP), fade and stable phases, --mirror (each rank keeps its
     rows of the global batch's coins)."""
     data = image_folder(tmp_path / "images")
-    args = TINY + ["--data", str(data), "--loss", "wgan-gp", "--mirror"]
+    # --gp-resolution phase: with the default (max) penalty scale this tiny run's trajectory has a point
+    # where any rounding change (two ranks, or one process with --channels-last alike) sends it elsewhere
+    # (D loss 7.089 vs 7.094 at 0.128 kimg), so it could not compare the ranks to 1e-4. The scale is a
+    # per-phase constant applied on every rank alike; what this test checks (DDP) does not depend on it.
+    args = TINY + ["--data", str(data), "--loss", "wgan-gp", "--mirror", "--gp-resolution", "phase"]
     one = run_cli(args + ["--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = run_cli(args + ["--out", str(tmp_path / "two")], ranks=2)
