@@ -202,6 +202,16 @@ def test_a_batch_that_does_not_split_across_the_ranks_is_refused_once(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
 
 
+def test_a_per_rank_batch_below_the_stddev_group_is_refused_once(tmp_path):
+    # --batch 8 over 4 ranks leaves 2 images a rank: minibatch stddev's groups of 4 would hold 2.
+    out = tmp_path / "run"
+    result = run_cli(TINY + ["--out", str(out)], ranks=4)
+    assert result.returncode != 0
+    message = "the batch at 4px is 2 per rank (8 over 4 ranks), below the minibatch-stddev group size 4"
+    assert result.stderr.count(message) == 1, result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
+
+
 def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
     """Rank 1's losses are NaN at steps 3 and 4: both ranks skip those updates (else their weights
     would part), like one process whose whole batch was NaN at those steps."""
