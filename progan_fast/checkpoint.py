@@ -78,19 +78,17 @@ def save_checkpoint(folder: Path, images: int, payload: dict, keep: int = 3) -> 
 _MISSING = object()
 
 
-def check_compatible(state: dict, expected_config: dict, ignore: tuple[str, ...] = (), path: Path | str | None = None,
-                     defaults: dict | None = None) -> None:
+def check_compatible(state: dict, expected_config: dict, ignore: tuple[str, ...] = (), path: Path | str | None = None) -> None:
     """Refuse a checkpoint made with another configuration.
 
     Compares ``state["config"]`` with ``expected_config`` key by key (keys in ``ignore`` are
     skipped, e.g. ``("max_res",)`` when a run may grow) and raises one :class:`CheckpointError`
     naming every differing key with both values, including keys that only one side has (a
     checkpoint from a newer progan_fast with a setting this one does not know is refused, not
-    silently read with that setting dropped). ``defaults``: settings added after some checkpoints were
-    written, with the value that reproduces what those checkpoints did: a checkpoint without such a key
-    matches exactly that value.
+    silently read with that setting dropped). A setting added after some checkpoints were written
+    is filled in before this check, with the value that reproduces those checkpoints
+    (``config.TrainConfig.normalize_dict``).
     """
-    defaults = defaults or {}
     where = f"checkpoint {path}" if path is not None else "the checkpoint"
     saved = state.get("config") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
@@ -100,8 +98,6 @@ def check_compatible(state: dict, expected_config: dict, ignore: tuple[str, ...]
         if key in ignore:
             continue
         a, b = saved.get(key, _MISSING), expected_config.get(key, _MISSING)
-        if a is _MISSING and key in defaults and defaults[key] == b:
-            continue
         if a is _MISSING:
             diffs.append(f"{key}: not in the checkpoint, {b!r} expected")
         elif b is _MISSING:

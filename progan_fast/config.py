@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import augment as augmentmod
@@ -23,24 +24,77 @@ from . import data as datamod
 from . import image_folder, pyramid_file
 from .cli import UsageError
 from .gan_state import AMP_DTYPES
-from .losses import LOSSES
+from .losses import GP_RESOLUTIONS, LOSSES, PENALIZED
 from .networks import NetworkConfig
+from .schedule import OFFICIAL_TOTAL_KIMG, PAPER_BATCH, RESOLUTIONS, Phase, build_schedule, official_tables
 
 #: Settings of the two presets. ``laptop`` (the default) is sized so that the run with no flags
 #: finishes in about ten minutes on two CPU cores; its phases are a few hundred steps, too short
-#: for the paper's EMA beta of 0.999 to follow G, hence 0.99. ``paper`` is the ProGAN paper /
-#: official code (``batch=None``: the one-GPU batch table).
+#: for the paper's EMA beta of 0.999 to follow G, hence 0.99. ``paper`` is the official code's v2
+#: preset (README, "Recipe"): ``batch`` and ``lr`` "official" are the batch and learning-rate tables
+#: of the official preset for the number of ranks that starts the run (:func:`schedule.official_tables`).
 PRESETS = {
-    "laptop": dict(max_res=32, fmap_base=512, fmap_max=64, kimg_per_phase=16.0, batch=32, ema_beta=0.99),
-    "paper": dict(max_res=256, fmap_base=8192, fmap_max=512, kimg_per_phase=600.0, batch=None, ema_beta=0.999),
+    "laptop": dict(max_res=32, fmap_base=512, fmap_max=64, kimg_per_phase=16.0, batch=32, lr=1e-3, ema_beta=0.99,
+                   loss="nonsat", total_kimg=None),
+    "paper": dict(max_res=256, fmap_base=8192, fmap_max=512, kimg_per_phase=600.0, batch="official", lr="official",
+                  ema_beta=0.999, loss="wgan-gp", total_kimg=OFFICIAL_TOTAL_KIMG),
 }
 _LAPTOP = PRESETS["laptop"]
+
+#: The command-line flag of each setting whose flag is not its name with dashes.
+FLAGS = {"mbstd_group_size": "--mbstd-group"}
+#: Settings whose values are per-resolution tables ``{res: value}`` (config.json: ``{"4": 128, ...}``).
+TABLES = ("batch", "lr")
+#: What a config written before a setting existed implies for it (so that such a run resumes unchanged):
+#: the schedule ended one stabilize phase after the last fade, and the gradient penalty was on the
+#: gradient at the phase's resolution; images were center-cropped RGB, seen by D without augmentation.
+LEGACY = {"total_kimg": lambda d: None,
+          "gp_resolution": lambda d: "phase" if d.get("loss") in PENALIZED else "max",
+          "fit": lambda d: "crop", "channels": lambda d: 3, "augment": lambda d: None, "augment_p": lambda d: 1.0}
+
+
+def flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def resolution_table(value, what: str = "value") -> tuple[tuple[int, float], ...]:
+    """A per-resolution setting as a sorted tuple of ``(res, value)`` pairs covering every resolution.
+
+    ``value``: one number (every resolution), a ``{res: value}`` table (keys may be strings, as JSON
+    has them), "official" (the official one-GPU preset's table), or for the batch None (the same
+    table: what a run stored before tables).
+    """
+    if value is None and what == "batch":
+        value = PAPER_BATCH
+    if value == "official":  # the one-GPU preset's (the CLI picks the table for its number of ranks)
+        value = official_tables(1)[0 if what == "batch" else 1]
+    if isinstance(value, (tuple, list)):  # already pairs (dataclasses.replace passes them back in)
+        value = dict(value)
+    if isinstance(value, Mapping):
+        try:
+            items = {int(k): v for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"a {what} table's keys must be resolutions, not {sorted(value)}") from None
+        return tuple(sorted(items.items()))
+    return tuple((r, value) for r in RESOLUTIONS)
+
+
+def format_table(table: tuple[tuple[int, float], ...]) -> str:
+    """``4:128,8:128,...``: what ``--batch``/``--lr`` accept (one number when every value is the same)."""
+    values = {v for _, v in table}
+    if len(values) == 1 and [r for r, _ in table] == list(RESOLUTIONS):
+        return f"{next(iter(values)):g}"
+    return ",".join(f"{r}:{v:g}" for r, v in table)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The settings that define a run. A resumed run must match them all, except that ``max_res``
-    may grow (the finished schedule is continued to larger resolutions)."""
+    may grow (the finished schedule is continued to larger resolutions) and the batch of the
+    resolutions not yet started may change (see :mod:`progan_fast.run_folder`).
+
+    ``batch`` and ``lr`` are per resolution: given as one number or a ``{res: value}`` table, they
+    are held as sorted ``(res, value)`` pairs over every resolution (:func:`resolution_table`)."""
 
     data: str | None = None
     max_res: int = _LAPTOP["max_res"]
@@ -48,10 +102,10 @@ class TrainConfig:
     fmap_base: int = _LAPTOP["fmap_base"]
     fmap_max: int = _LAPTOP["fmap_max"]
     mbstd_group_size: int = 4
-    loss: str = "nonsat"
+    loss: str = _LAPTOP["loss"]
     kimg_per_phase: float = _LAPTOP["kimg_per_phase"]
-    batch: int | None = _LAPTOP["batch"]
-    lr: float = 1e-3
+    batch: tuple[tuple[int, int], ...] = _LAPTOP["batch"]  # global batch per resolution
+    lr: tuple[tuple[int, float], ...] = _LAPTOP["lr"]  # Adam's learning rate (G's and D's) per resolution
     ema_beta: float = _LAPTOP["ema_beta"]
     seed: int = 0
     mirror: bool = False  # flip each real image left-right with probability 1/2 (x-flip augmentation)
@@ -61,25 +115,62 @@ class TrainConfig:
     channels: int = 3  # image channels the networks make and judge: 3 (RGB) or 1 (grayscale)
     augment: str | None = None  # DiffAugment transforms D sees every image through, e.g. "color,translation,cutout"
     augment_p: float | str = 1.0  # the probability of each transform per image, or "ada" (adapted)
+    total_kimg: float | None = _LAPTOP["total_kimg"]  # None: end one stabilize phase after the last fade
+    gp_resolution: str = "max"  # "max": the penalty's gradient is w.r.t. D's input upscaled to max_res (official)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch", resolution_table(self.batch, "batch"))
+        object.__setattr__(self, "lr", resolution_table(self.lr, "learning rate"))
 
     def network_config(self, num_classes: int = 0) -> NetworkConfig:
         """The networks' shape; ``num_classes`` (from the data, for ``cond``) makes them conditional."""
         return NetworkConfig(self.max_res, self.latent_size, self.fmap_base, self.fmap_max, self.mbstd_group_size,
                              num_classes, image_channels=self.channels)
 
+    def schedule(self) -> list[Phase]:
+        """The run's phases (ValueError for a ``total_kimg`` that ends before the last fade)."""
+        return build_schedule(self.max_res, self.kimg_per_phase, dict(self.batch), dict(self.lr), self.total_kimg)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name in TABLES:
+            d[name] = {str(r): v for r, v in getattr(self, name)}
+        return d
+
+    @classmethod
+    def normalize_dict(cls, d: dict) -> dict:
+        """A stored config as :meth:`to_dict` writes it today: the settings of :data:`LEGACY` that it
+        lacks get the value that reproduces the version that wrote it, and tables their full form.
+        Keys this version does not know, and other missing ones, are left so, for the caller to refuse."""
+        d = dict(d)
+        for name, legacy in LEGACY.items():
+            if name not in d:
+                d[name] = legacy(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = cls(**{k: v for k, v in d.items() if k in names}).to_dict()
+        return {**d, **{k: v for k, v in known.items() if k in d}}  # other missing settings stay missing
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in cls.normalize_dict(d).items() if k in names})
 
-    def differences(self, other: TrainConfig) -> list[str]:
-        """Human-readable ``name: saved -> requested`` for every differing setting but ``max_res``."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"--{k.replace('_', '-')}: {a[k]!r} in the run, {b[k]!r} now" for k in a if k != "max_res" and a[k] != b[k]]
+    def differences(self, other: TrainConfig, ignore: tuple[str, ...] = ("max_res",)) -> list[str]:
+        """Human-readable ``--flag: saved in the run, requested now`` for every differing setting not in ``ignore``."""
+        a, b = self.cli_values(), other.cli_values()
+        return [f"{flag(k)}: {a[k]!r} in the run, {b[k]!r} now" for k in a if k not in ignore and a[k] != b[k]]
 
+    def cli_values(self) -> dict:
+        """Every setting as its flag would take it (tables as ``4:128,...``, no total kimg as ``none``)."""
+        d = dataclasses.asdict(self)
+        for name in TABLES:
+            d[name] = format_table(getattr(self, name))
+        if d["total_kimg"] is None:
+            d["total_kimg"] = "none"
+        return d
+
+    def batch_at(self, res: int) -> int:
+        return dict(self.batch)[res]
 
 @dataclass
 class RunOptions:
@@ -106,6 +197,10 @@ class RunOptions:
     swd_images: int = 1024
     max_skipped_steps: int = 10  # stop after this many consecutive steps with non-finite losses
     resume_command: str | None = None  # what to type to continue this run (the CLI fills it in)
+    # The settings given on the command line (TrainConfig field names): --mbstd-group lifts the check of
+    # the per-rank batch against the group size, and a resume keeps the run's batch and learning-rate
+    # tables unless --batch or --lr is given.
+    explicit: frozenset[str] = field(default_factory=frozenset)
 
 
 def validate(config: TrainConfig, options: RunOptions) -> None:
@@ -121,15 +216,30 @@ def validate(config: TrainConfig, options: RunOptions) -> None:
         raise UsageError(str(e)) from None
     if config.loss not in LOSSES:
         raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
-    if config.batch is not None and config.batch < 1:
-        raise UsageError(f"--batch must be at least 1, not {config.batch}")
+    for name, what in (("batch", "batch"), ("lr", "learning rate")):
+        table = dict(getattr(config, name))
+        if sorted(table) != list(RESOLUTIONS):
+            raise UsageError(f"--{name} needs a {what} for every resolution from 4 to 1024, not only for "
+                             f"{', '.join(map(str, sorted(table)))}")
+    for res, b in config.batch:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise UsageError(f"--batch must be at least 1, not {b}" + (f" (at {res}px)" if len(set(dict(config.batch).values())) > 1 else ""))
+    for res, lr in config.lr:
+        if not (isinstance(lr, (int, float)) and 0.0 < lr < 1.0):
+            raise UsageError(f"--lr must be in (0, 1), not {lr}" + (f" (at {res}px)" if len(set(dict(config.lr).values())) > 1 else ""))
     if not config.kimg_per_phase > 0 or not math.isfinite(config.kimg_per_phase):
         raise UsageError(f"--kimg-per-phase must be a positive number, not {config.kimg_per_phase}")
+    if config.total_kimg is not None and not (config.total_kimg > 0 and math.isfinite(config.total_kimg)):
+        raise UsageError(f"--total-kimg must be a positive number or 'none', not {config.total_kimg}")
+    if config.gp_resolution not in GP_RESOLUTIONS:
+        raise UsageError(f"--gp-resolution must be one of {', '.join(GP_RESOLUTIONS)}, not {config.gp_resolution!r}")
     for name in ("latent_size", "fmap_base", "fmap_max", "mbstd_group_size"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(config, name)}")
-    if not 0.0 < config.lr < 1.0:
-        raise UsageError(f"--lr must be in (0, 1), not {config.lr}")
+    try:
+        config.schedule()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not (config.cond_weight >= 0.0 and math.isfinite(config.cond_weight)):
         raise UsageError(f"--cond-weight must be a non-negative number, not {config.cond_weight}")
     if config.fit not in image_folder.FITS:

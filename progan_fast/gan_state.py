@@ -120,11 +120,13 @@ class GANState:
     found_inf: dict[str, torch.Tensor] = field(default_factory=dict)  # per optimizer: skip this step?
     cond_weight: float = 1.0  # weight of the class terms of a conditional run's losses
     channels_last: bool = False  # the networks' activations in NHWC (networks.Generator.use_channels_last)
+    gp_resolution: str = "max"  # the gradient penalty's scale (losses.GP_RESOLUTIONS, losses.penalty_norm_scale)
 
     @classmethod
     def create(cls, config: NetworkConfig, device: torch.device, loss: str = "nonsat", lr: float = ADAM_LR,
                ema_beta: float = EMA_BETA, amp_dtype: torch.dtype | None = None, fused_adam: bool = True,
-               capturable: bool = False, cond_weight: float = 1.0, channels_last: bool = False) -> GANState:
+               capturable: bool = False, cond_weight: float = 1.0, channels_last: bool = False,
+               gp_resolution: str = "max") -> GANState:
         if loss not in losses.LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(losses.LOSSES)}")
         if amp_dtype not in (None, *AMP_DTYPES.values()):
@@ -139,7 +141,7 @@ class GANState:
         return cls(config, G, D, G_ema, make_adam(G, lr, fused_adam, capturable), make_adam(D, lr, fused_adam, capturable),
                    lr, ema_beta, loss, amp_dtype, fused_adam, capturable,
                    DeviceLossScaler(device) if fp16 else None, DeviceLossScaler(device) if fp16 else None,
-                   cond_weight=cond_weight, channels_last=channels_last)
+                   cond_weight=cond_weight, channels_last=channels_last, gp_resolution=gp_resolution)
 
     def wrap_data_parallel(self, world: World, device: torch.device, res: int, fading: bool) -> None:
         """Wrap D and G in ``DistributedDataParallel`` for one phase of a multi-rank run (a no-op
@@ -168,8 +170,11 @@ class GANState:
             wrapped.append(DDP(net, device_ids=ids))  # no buffers: nothing else to sync
         self.D_train, self.G_train = wrapped
 
-    def reset_optimizers(self) -> None:
-        """Fresh Adam state (at every phase start, as the official code does)."""
+    def reset_optimizers(self, lr: float | None = None) -> None:
+        """Fresh Adam state (at every phase start, as the official code does), with the phase's
+        learning rate ``lr`` (the official code's is per resolution) when given."""
+        if lr is not None:
+            self.lr = lr
         self.opt_G = make_adam(self.G, self.lr, self.fused_adam, self.capturable)
         self.opt_D = make_adam(self.D, self.lr, self.fused_adam, self.capturable)
 

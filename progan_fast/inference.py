@@ -17,7 +17,6 @@ from . import data as datamod
 from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from .config import TrainConfig, load_data
 from .networks import Generator
-from .schedule import build_schedule
 
 #: Config keys without which a checkpoint's generator cannot be rebuilt.
 _REQUIRED = ("max_res", "latent_size", "fmap_base", "fmap_max", "kimg_per_phase", "batch")
@@ -57,7 +56,7 @@ def find_checkpoint(path: Path) -> tuple[Path, Path | None]:
 
 def position(config: TrainConfig, phase_index: int, step: int) -> tuple[int, float | None]:
     """(resolution, alpha) at which the networks were training at this schedule position."""
-    phases = build_schedule(config.max_res, config.kimg_per_phase, config.batch)
+    phases = config.schedule()
     if phase_index >= len(phases) or (step == 0 and phase_index > 0):
         last = phases[min(phase_index, len(phases)) - 1]
         return last.res, (1.0 if last.fading else None)

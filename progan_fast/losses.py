@@ -34,6 +34,27 @@ PENALIZED = ("wgan-gp",)  # the losses whose D step draws mixing factors for a g
 WGAN_LAMBDA = 10.0
 WGAN_DRIFT = 0.001
 WGAN_TARGET = 1.0
+#: Whose gradient the penalty constrains. "max": the gradient with respect to D's input as the official
+#: code feeds it, every image nearest-upscaled to the final resolution (D average-pools it back), whose
+#: norm is the phase-resolution gradient's divided by ``max_res / res`` (:func:`penalty_norm_scale`).
+#: "phase": the gradient at the phase's own resolution (progan_fast before 0.x; up to ``max_res / 4``
+#: times harder on D while growing).
+GP_RESOLUTIONS = ("max", "phase")
+
+
+def penalty_norm_scale(res: int, max_res: int, gp_resolution: str = "max") -> float:
+    """The factor from the norm of D's gradient at ``res`` to the norm the penalty constrains.
+
+    With ``x_full = upsample_nearest(x, f)``, ``f = max_res / res``, and a D that first averages
+    each ``f x f`` block of ``x_full`` back to ``x``: every full-resolution pixel gets ``1/f**2`` of
+    its block's gradient, so ``||grad_full||**2 = f**2 * ||grad / f**2||**2`` and
+    ``||grad_full|| = ||grad|| / f``. ``f`` is a power of two, so the product is exact. It is a
+    constant of the phase (its resolution), like the shapes: a CUDA graph, captured per phase,
+    holds the right one.
+    """
+    if gp_resolution not in GP_RESOLUTIONS:
+        raise ValueError(f"gp_resolution must be one of {', '.join(GP_RESOLUTIONS)}, not {gp_resolution!r}")
+    return res / max_res if gp_resolution == "max" else 1.0
 
 
 def split_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,8 +99,12 @@ def gradient_penalty(
     weight: float = WGAN_LAMBDA,
     target: float = WGAN_TARGET,
     grad_scale: torch.Tensor | None = None,
+    norm_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``weight / target**2 * E[(||grad_x D(x_hat)||_2 - target)^2]`` with ``x_hat = lerp(reals, fakes, mix)``.
+    """``weight / target**2 * E[(norm_scale * ||grad_x D(x_hat)||_2 - target)^2]`` with ``x_hat = lerp(reals, fakes, mix)``.
+
+    ``norm_scale`` (:func:`penalty_norm_scale`) makes it the penalty on the gradient with respect to
+    the input upscaled to the final resolution, as the official code computes it while growing.
 
     ``mix`` is ``[N, 1, 1, 1]`` uniform in [0, 1) (drawn here when not given). The graph is kept
     (``create_graph``) so the penalty's gradient reaches D's parameters: a double backward.
@@ -100,6 +125,8 @@ def gradient_penalty(
     if grad_scale is not None:
         grad = grad / grad_scale
     norms = grad.flatten(1).norm(dim=1)
+    if norm_scale != 1.0:
+        norms = norms * norm_scale
     return (norms - target).square().mean() * (weight / target**2)
 
 
@@ -113,9 +140,10 @@ def discriminator_loss(
     real_labels: torch.Tensor | None = None,
     fake_labels: torch.Tensor | None = None,
     cond_weight: float = 1.0,
+    penalty_norm_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """D's loss for ``kind`` and the detached terms worth logging (``grad_scale`` and ``mix``: see
-    :func:`gradient_penalty`). A conditional D also gets the reals' and the fakes' labels."""
+    """D's loss for ``kind`` and the detached terms worth logging (``grad_scale``, ``mix`` and
+    ``penalty_norm_scale``, its ``norm_scale``: see :func:`gradient_penalty`). A conditional D also gets the reals' and the fakes' labels."""
     (real_out, real_cls), (fake_out, fake_cls) = split_outputs(critic(reals)), split_outputs(critic(fakes))
     stats = {"D_real": real_out.detach().mean(), "D_fake": fake_out.detach().mean()}
     if kind in ("nonsat", "minimax"):
@@ -123,7 +151,7 @@ def discriminator_loss(
     elif kind == "wgan-gp":
         with nvtx_range("penalty"):
             penalty = gradient_penalty(lambda x: split_outputs(critic(x))[0], reals, fakes, mix=mix,
-                                       grad_scale=grad_scale)
+                                       grad_scale=grad_scale, norm_scale=penalty_norm_scale)
         loss = d_wgan(real_out, fake_out) + penalty
         stats["penalty"] = penalty.detach()
     else:

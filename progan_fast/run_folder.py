@@ -16,13 +16,19 @@ The resume policy, which never lets one run write into another's folder:
 - ``--resume CKPT`` continues from that checkpoint.
 
 A resumed run must have the same settings as the folder's config and the checkpoint's, except that
-``--max-res`` may grow: a finished run then continues its schedule to larger resolutions, with the
-new layers freshly initialised.
+``--max-res`` may grow (without ``--total-kimg``): a finished run then continues its schedule to larger
+resolutions, with the new layers freshly initialised; and ``--batch`` may change the batch of the
+resolutions the run has not started yet (one that ran out of memory at 256px resumes with a smaller
+batch there). Without ``--batch`` or ``--lr``, a resume keeps the run's tables. A run written by an
+earlier version lacks the newer settings; they take the values that reproduce it
+(:data:`progan_fast.config.LEGACY`), and a refusal names the flags that continue it as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,15 +37,11 @@ import torch
 from .checkpoint import (CheckpointError, check_compatible, list_checkpoints, load_checkpoint, remove_torn_writes,
                          save_checkpoint)
 from .cli import UsageError
-from .config import TrainConfig
+from .config import TABLES, TrainConfig, flag
 from .data import ImageDataset
 from .gan_state import GANState
 from .networks import load_grown_state_dict
-from .schedule import Phase
-
-
-#: Settings newer than some checkpoints, with the value those checkpoints were trained with.
-SETTINGS_ADDED_LATER = {"fit": "crop", "channels": 3, "augment": None, "augment_p": 1.0}
+from .schedule import RESOLUTIONS, Phase
 
 
 class RunFolder:
@@ -73,9 +75,13 @@ class RunFolder:
 
     # ----- resume policy -------------------------------------------------------------------------
 
-    def checkpoint_to_resume(self, config: TrainConfig, resume: str | None) -> dict | None:
-        """The checkpoint this invocation continues from (``resume``: None, "auto" or a path), or
-        None for a new run; refuses what the resume policy above forbids."""
+    def checkpoint_to_resume(self, config: TrainConfig, resume: str | None,
+                             explicit: frozenset[str] = frozenset()) -> tuple[TrainConfig, dict | None]:
+        """``(config, checkpoint)``: the settings this invocation trains with and the checkpoint it
+        continues from (``resume``: None, "auto" or a path), or None for a new run; refuses what the
+        resume policy above forbids. ``explicit``: the settings given on the command line; a resume
+        keeps the run's batch and learning-rate tables unless ``--batch``/``--lr`` is given (the
+        preset's tables depend on the number of ranks, and a run may resume with any number)."""
         saved = self.saved_config()
         existing = list_checkpoints(self.checkpoints)
         if resume is None:
@@ -86,27 +92,32 @@ class RunFolder:
                     f"run directory {self.path} already holds a run{detail}; pass --resume auto to "
                     f"continue it, or choose another --out"
                 )
-            return None
+            return config, None
         if saved is not None:  # never let a resume rewrite another run's folder
+            config = _keep_tables(saved, config, explicit)
             _check_same_run(saved, config, f"the run in {self.path}")
         if resume == "auto":
             if not existing:
                 self.log(f"nothing to resume in {self.path}: starting a new run there")
-                return None
+                return config, None
             path = existing[-1]
         else:
             path = Path(resume)
         state = load_checkpoint(path)
         try:
             ckpt_config = TrainConfig.from_dict(state["config"])
-        except (KeyError, TypeError) as e:
+            stored = {**state, "config": TrainConfig.normalize_dict(state["config"])}
+        except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} holds no valid run config ({e})") from None
+        config = _keep_tables(ckpt_config, config, explicit)
         _check_same_run(ckpt_config, config, f"checkpoint {path}")
         # Also refuses settings this version does not know (from_dict above drops them silently).
-        check_compatible(state, config.to_dict(), ignore=("max_res",), path=path, defaults=SETTINGS_ADDED_LATER)
+        check_compatible(stored, config.to_dict(), ignore=("max_res", "batch"), path=path)
+        _check_batch_change(ckpt_config, config, int(state["phase_index"]), int(state["step"]), f"checkpoint {path}",
+                            self.log)
         self.log(f"resuming from {path}")
         state["_path"] = str(path)
-        return state
+        return config, state
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
@@ -151,14 +162,62 @@ class RunFolder:
         return save_checkpoint(self.checkpoints, images, payload, keep=keep)
 
 
+def _keep_tables(saved: TrainConfig, config: TrainConfig, explicit: frozenset[str]) -> TrainConfig:
+    """``config`` with the run's batch and learning-rate tables wherever the command line gave none."""
+    keep = {name: getattr(saved, name) for name in TABLES if name not in explicit}
+    return dataclasses.replace(config, **keep) if keep else config
+
+
 def _check_same_run(saved: TrainConfig, config: TrainConfig, where: str) -> None:
-    diffs = saved.differences(config)
+    """Refuse every difference but a larger ``max_res`` and the batch (:func:`_check_batch_change`)."""
+    diffs = saved.differences(config, ignore=("max_res", "batch"))
     if diffs:
-        raise UsageError(f"{where} was made with other settings; refusing to mix them: " + "; ".join(diffs))
+        names = [name for name in saved.cli_values() if name not in ("max_res", "batch")
+                 and saved.cli_values()[name] != config.cli_values()[name]]
+        raise UsageError(f"{where} was made with other settings; refusing to mix them: " + "; ".join(diffs)
+                         + f". To continue it as it was made, pass {continue_flags(saved, names)}")
     if config.max_res < saved.max_res:
         raise UsageError(
             f"{where} trains up to --max-res {saved.max_res}; it can grow but not shrink to {config.max_res}"
         )
+    if config.max_res > saved.max_res and saved.total_kimg is not None:
+        raise UsageError(
+            f"{where} has --total-kimg {saved.total_kimg:g}, whose final phase at {saved.max_res}px would no longer "
+            f"be final: a run grows to a larger --max-res only without --total-kimg")
+
+
+def continue_flags(saved: TrainConfig, names: list[str]) -> str:
+    """The flags that set ``names`` to the run's values."""
+    values = saved.cli_values()
+    parts = []
+    for name in names:
+        value = values[name]
+        if isinstance(value, bool):
+            parts.append(flag(name) if value else f"(without {flag(name)})")
+        else:
+            parts.append(f"{flag(name)} {shlex.quote(str(value if not isinstance(value, float) else f'{value:g}'))}")
+    return " ".join(parts)
+
+
+def _check_batch_change(saved: TrainConfig, config: TrainConfig, phase_index: int, step: int, where: str,
+                        log: Callable[[str], None]) -> None:
+    """A resume may change the batch of the resolutions the run has not started yet, no other."""
+    if saved.batch == config.batch:
+        return
+    phases = saved.schedule()
+    started = {p.res for p in phases[:phase_index]}
+    if step > 0 and phase_index < len(phases):
+        started.add(phases[phase_index].res)
+    changed = sorted(r for r in started if saved.batch_at(r) != config.batch_at(r))
+    if changed:
+        keep = ",".join(f"{r}:{saved.batch_at(r)}" for r in changed)
+        raise UsageError(
+            f"{where} has trained at {', '.join(f'{r}px' for r in changed)} with --batch {keep}; a resume may change "
+            f"only the batch of resolutions not started yet. Pass --batch {keep} (with your other RES:N) to continue")
+    moved = [f"{r}px {saved.batch_at(r)} -> {config.batch_at(r)}" for r in RESOLUTIONS
+             if r <= config.max_res and saved.batch_at(r) != config.batch_at(r)]
+    if moved:
+        log(f"batch changed for resolutions not started yet: {', '.join(moved)}")
 
 
 def restore(ckpt: dict, state: GANState, config: TrainConfig, dataset: ImageDataset, phases: list[Phase],

@@ -169,7 +169,9 @@ def train_step(state: GANState, reals: torch.Tensor, res: int, alpha: Alpha | No
             d_loss, stats = losses.discriminator_loss(state.loss, critic(D_train, watch_reals=True), reals, fakes,
                                                       grad_scale=scale, mix=mix,
                                                       real_labels=real_labels, fake_labels=labels_d,
-                                                      cond_weight=state.cond_weight)
+                                                      cond_weight=state.cond_weight,
+                                                      penalty_norm_scale=losses.penalty_norm_scale(
+                                                          res, state.config.max_res, state.gp_resolution))
     state.opt_D.zero_grad(set_to_none=True)
     d_bad = _backward_and_step(state, d_loss, "D")
 

@@ -22,9 +22,10 @@ from .cli import TrainingDiverged, UsageError, resolve_device
 from .config import PRESETS, RunOptions, TrainConfig
 from .data import DataError
 from .image_folder import FITS
-from .losses import LOSSES
+from .losses import GP_RESOLUTIONS, LOSSES
 from .profiling import parse_window
 from .run_log import PROFILE_SKIP_STEPS
+from .schedule import OFFICIAL_V2, RESOLUTIONS, official_gpus, official_tables
 from .trainer import Trainer
 
 PROG = "progan_fast.train"
@@ -65,23 +66,41 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model and schedule (a preset fills these; a flag overrides it)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="laptop",
                    help="laptop: " + ", ".join(f"{k}={v}" for k, v in PRESETS["laptop"].items())
-                        + "; paper: " + ", ".join(f"{k}={v}" for k, v in PRESETS["paper"].items())
-                        + " (batch None = the paper's per-resolution table)")
+                        + "; paper: the official code's v2 preset (README, 'Recipe'): "
+                        + ", ".join(f"{k}={v}" for k, v in PRESETS["paper"].items())
+                        + " (official: the batch and learning-rate tables of the official preset for as many GPUs "
+                          "as ranks start the run: 1, 2, 4 or 8; another count takes the next lower one's, each "
+                          "batch rounded down to a multiple of the ranks, as the official code does)")
     m.add_argument("--max-res", type=int, default=None, help="final resolution, a power of two from 4 to 1024")
     m.add_argument("--kimg-per-phase", type=float, default=None,
                    help="thousands of images shown in each fade and each stabilize phase (paper: 600)")
-    m.add_argument("--batch", type=int, default=None,
-                   help="batch size at every resolution (default: the preset's; paper table: 128 up to 16px, "
-                        "64 at 32px, halving to 4 at 512px and up)")
+    m.add_argument("--total-kimg", metavar="KIMG|none", default=None,
+                   help="thousands of images in the whole run: the final phase (stabilize at --max-res) gets "
+                        "every image past the last fade, as the official total_kimg (paper: 12000); 'none' ends "
+                        "one stabilize phase after the last fade (laptop)")
+    m.add_argument("--batch", metavar="N|RES:N,...", default=None,
+                   help="global batch: one number for every resolution, or RES:N pairs (e.g. 128:16,256:8) for "
+                        "those resolutions, the others keeping the preset's (paper, one GPU: 128 up to 16px, 64 at "
+                        "32px, halving to 4 at 512px and up). A resume keeps the run's batches unless this is "
+                        "given, and may change only those of resolutions it has not started yet")
     m.add_argument("--fmap-base", type=int, default=None, help="feature maps: min(fmap_base / 2**stage, fmap_max) (paper 8192)")
     m.add_argument("--fmap-max", type=int, default=None, help="most feature maps in any layer (paper 512)")
     m.add_argument("--latent-size", type=int, default=512, help="size of the latent vector z")
-    m.add_argument("--mbstd-group", type=int, default=4,
-                   help="minibatch-stddev group size (shrinks to the largest size that divides the batch)")
-    m.add_argument("--loss", choices=LOSSES, default="nonsat",
-                   help="nonsat: logistic D loss, non-saturating G loss (the seeds' procedure); minimax: the "
-                        "original saturating G loss; wgan-gp: WGAN-GP with drift (paper: lambda 10, drift 0.001)")
-    m.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (betas 0, 0.99; eps 1e-8)")
+    m.add_argument("--mbstd-group", type=int, default=None,
+                   help="minibatch-stddev group size (default 4; shrinks to the largest size that divides the "
+                        "batch). A per-rank batch below it is refused unless this flag is given")
+    m.add_argument("--loss", choices=LOSSES, default=None,
+                   help="nonsat: logistic D loss, non-saturating G loss (the seeds' procedure; laptop); minimax: "
+                        "the original saturating G loss; wgan-gp: WGAN-GP with drift (paper: lambda 10, target 1, "
+                        "drift 0.001). Default: the preset's")
+    m.add_argument("--gp-resolution", choices=GP_RESOLUTIONS, default="max",
+                   help="wgan-gp's penalty constrains the gradient with respect to D's input at: max, --max-res "
+                        "(the official code: lower resolutions are upscaled to it, so the gradient's norm is "
+                        "divided by max_res/res); phase, the phase's resolution (progan_fast before this option)")
+    m.add_argument("--lr", metavar="X|RES:X,...", default=None,
+                   help="Adam learning rate of G and D (betas 0, 0.99; eps 1e-8): one number for every resolution, "
+                        "or RES:X pairs for those resolutions, the others keeping the preset's (laptop 0.001; "
+                        "paper, one GPU: 0.001, 0.0015 at 1024px). A resume keeps the run's unless this is given")
     m.add_argument("--ema-beta", type=float, default=None,
                    help="per-step decay of the generator EMA used for samples (paper 0.999; the laptop preset's "
                         "phases are only a few hundred steps long, too short for 0.999 to follow G)")
@@ -207,24 +226,77 @@ def _augment_settings(args: argparse.Namespace) -> tuple[str | None, float | str
     return policy, p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def parse_table(text: str, name: str, kind: type) -> tuple[dict[int, float], float | None]:
+    """``--batch``/``--lr`` text -> ``({res: value}, value for every resolution or None)``."""
+    table, every = {}, None
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if ":" in item:
+                res_text, value_text = item.split(":", 1)
+                res = int(res_text)
+                if res not in RESOLUTIONS:
+                    raise UsageError(f"{name}: {res} in {item!r} is not a resolution (4, 8, ..., 1024)")
+                table[res] = kind(value_text)
+            else:
+                every = kind(item)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise UsageError(f"{name}: {item!r} is neither {what} nor RES:{'N' if kind is int else 'X'} "
+                             f"(e.g. {name} {'128:16,256:8' if kind is int else '1024:0.0015'})") from None
+    return table, every
+
+
+def explicit_settings(args: argparse.Namespace) -> frozenset[str]:
+    """The names of the settings the command line gave (see :attr:`RunOptions.explicit`)."""
+    given = (("batch", args.batch), ("lr", args.lr), ("mbstd_group_size", args.mbstd_group), ("loss", args.loss),
+             ("total_kimg", args.total_kimg))
+    return frozenset(name for name, value in given if value is not None)
+
+
+def config_from_args(args: argparse.Namespace, ranks: int = 1) -> TrainConfig:
+    """The run's settings from the flags and the preset (whose paper tables depend on ``ranks``)."""
     preset = PRESETS[args.preset]
+    official_batch, official_lr = official_tables(ranks)
 
     def pick(name: str):
         value = getattr(args, name)
         return preset[name] if value is None else value
 
+    def table(name: str, kind: type) -> dict:
+        base = preset[name]
+        if base == "official":
+            base = official_batch if name == "batch" else official_lr
+        merged = dict(base) if isinstance(base, dict) else {r: base for r in RESOLUTIONS}
+        if getattr(args, name) is not None:
+            given, every = parse_table(getattr(args, name), f"--{name}", kind)
+            if every is not None:
+                merged = {r: every for r in RESOLUTIONS}
+            merged.update(given)
+        return merged
+
+    total = args.total_kimg
+    if total is not None:
+        if total.strip().lower() == "none":
+            total = None
+        else:
+            try:
+                total = float(total)
+            except ValueError:
+                raise UsageError(f"--total-kimg must be a number of kimg or 'none', not {args.total_kimg!r}") from None
+    else:
+        total = preset["total_kimg"]
     return TrainConfig(
         data=None if args.data is None else str(Path(args.data).expanduser().resolve()),
         max_res=pick("max_res"),
         latent_size=args.latent_size,
         fmap_base=pick("fmap_base"),
         fmap_max=pick("fmap_max"),
-        mbstd_group_size=args.mbstd_group,
-        loss=args.loss,
+        mbstd_group_size=4 if args.mbstd_group is None else args.mbstd_group,
+        loss=pick("loss"),
         kimg_per_phase=pick("kimg_per_phase"),
-        batch=pick("batch"),
-        lr=args.lr,
+        batch=table("batch", int),
+        lr=table("lr", float),
         ema_beta=pick("ema_beta"),
         seed=args.seed,
         mirror=args.mirror,
@@ -234,6 +306,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         channels=args.channels,
         augment=_augment_settings(args)[0],
         augment_p=_augment_settings(args)[1],
+        total_kimg=total,
+        gp_resolution=args.gp_resolution,
     )
 
 
@@ -322,7 +396,11 @@ def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) 
         out = world.broadcast_object(_default_out_or_error(args.resume) if world.is_main else None)
         if isinstance(out, str):  # rank 0's error, raised on every rank
             raise UsageError(out)
-    config = config_from_args(args)
+    config = config_from_args(args, world.size)
+    if args.preset == "paper" and world.size not in OFFICIAL_V2 and world.is_main:
+        print(f"{PROG}: note: the official code has presets for 1, 2, 4 and 8 GPUs; with {world.size} ranks "
+              f"--preset paper takes the {official_gpus(world.size)}-GPU tables, each batch rounded down to a multiple "
+              f"of {world.size}", file=sys.stderr)
     options = RunOptions(
         out=out,
         resume=args.resume,
@@ -345,6 +423,7 @@ def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) 
         cuda_profiler_window=None if args.cuda_profiler_steps is None else cuda_window(args.cuda_profiler_steps),
         max_skipped_steps=args.max_skipped_steps,
         resume_command=resume_command(argv, out, world),
+        explicit=explicit_settings(args),
     )
     Trainer(config, options, log=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr), world=world).run()
     return 0

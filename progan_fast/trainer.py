@@ -38,7 +38,7 @@ from .gan_state import AMP_DTYPES, GANState
 from .graphs import StageGraphs
 from .run_folder import RunFolder, restore
 from .run_log import RunLog, StepProfiler
-from .schedule import Phase, build_schedule, images_before
+from .schedule import Phase, describe, images_before
 from .step import Iteration, Window
 
 
@@ -112,9 +112,11 @@ class Trainer:
             self.log(f"backend auto: each op times its backends on first use of a shape; "
                      f"{ops.autotune.cache_description(self.device)}")
         self.folder = RunFolder(options.out, self.log)
-        checkpoint = self.folder.checkpoint_to_resume(config, options.resume)
+        # A resume may keep the run's batch and learning-rate tables, or change batches not yet used.
+        config, checkpoint = self.folder.checkpoint_to_resume(config, options.resume, options.explicit)
+        self.config = config
 
-        self.phases = build_schedule(config.max_res, config.kimg_per_phase, config.batch)
+        self.phases = config.schedule()
         self._check_batch_split()
         self.dataset = self._load_data()
         if config.channels == 3 and self.dataset.single_channel_source:
@@ -126,9 +128,10 @@ class Trainer:
         self.labels = self.dataset.labels.to(self.device) if config.cond else None
         torch.manual_seed(config.seed)  # the same on every rank: they draw the global batch alike
         self.state = GANState.create(
-            config.network_config(len(self.class_names or ())), self.device, config.loss, config.lr, config.ema_beta,
-            amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp], capturable=self.use_graphs,
-            cond_weight=config.cond_weight, channels_last=options.channels_last is True,
+            config.network_config(len(self.class_names or ())), self.device, config.loss, self.phases[0].lr,
+            config.ema_beta, amp_dtype=None if options.amp is None else AMP_DTYPES[options.amp],
+            capturable=self.use_graphs, cond_weight=config.cond_weight, channels_last=options.channels_last is True,
+            gp_resolution=config.gp_resolution,
         )
         # --backend auto and --channels-last auto: the setups each phase's step check compares
         # (one: no check), and the decisions by phase index (a checkpoint's, then this run's).
@@ -152,17 +155,28 @@ class Trainer:
                               tensorboard=options.tensorboard, log=self.log, class_names=self.class_names)
 
     def _check_batch_split(self) -> None:
-        """Under torchrun every phase's global batch must split evenly across the ranks."""
+        """Under torchrun every phase's global batch must split evenly across the ranks, and (unless
+        --mbstd-group was given) no rank's batch may be smaller than the minibatch-stddev group:
+        D's statistic would then come from fewer images than it was built for (one: no signal)."""
         ranks = self.world.size
-        if ranks == 1:
-            return
+        group = self.config.mbstd_group_size
         for p in self.phases:
             if p.batch % ranks:
                 raise UsageError(
                     f"the batch at {p.res}px ({p.batch}) does not split evenly across {ranks} ranks; "
                     f"pass a --batch divisible by {ranks} or start {ranks} fewer/more processes")
+        if "mbstd_group_size" not in self.options.explicit:
+            for p in self.phases:
+                if p.batch // ranks < group:
+                    per = f" ({p.batch} over {ranks} ranks)" if ranks > 1 else ""
+                    raise UsageError(
+                        f"the batch at {p.res}px is {p.batch // ranks} per rank{per}, below the minibatch-stddev "
+                        f"group size {group}; pass a larger --batch (e.g. --batch {p.res}:{group * ranks}), or "
+                        f"--mbstd-group to train with smaller groups")
+        if ranks == 1:
+            return
         uneven = sorted({p.batch for p in self.phases
-                         if (p.batch // ranks) % ops.effective_group_size(p.batch, self.config.mbstd_group_size)})
+                         if (p.batch // ranks) % ops.effective_group_size(p.batch, group)})
         if uneven:
             self.log(f"note: with {ranks} ranks the per-rank batch of the global batch "
                      f"{', '.join(map(str, uneven))} is not a multiple of the minibatch-stddev group: D's groups are "
@@ -232,6 +246,8 @@ class Trainer:
         graphs += {True: ", channels-last", "auto": ", channels-last auto"}.get(self.options.channels_last, "")
         ranks = f", {self.world.size} ranks (DDP)" if self.world.distributed else ""
         self.log(f"{self.dataset.summary}; device {self.device}, backend {self.backend}, {amp}{graphs}{ranks}")
+        for line in describe(self.phases).splitlines():
+            self.log(f"schedule {line}")
         self.run_log.open(self.dataset, self.config.max_res)
         total = images_before(self.phases, len(self.phases))
         stop_at = None if self.options.stop_after_kimg is None else int(self.options.stop_after_kimg * 1000)
@@ -276,7 +292,7 @@ class Trainer:
                 level_res, device_images = phase.res, self._device_images(phase.res)
             if iteration_phase != self.phase_index:
                 if self.step == 0:
-                    self.state.reset_optimizers()
+                    self.state.reset_optimizers(phase.lr)
                 self.state.wrap_data_parallel(self.world, self.device, phase.res, phase.fading)
                 iteration = Iteration(self.state, phase.res, phase.batch, phase.fading, self.device, device_images,
                                       mirror=self.config.mirror, labels=self.labels, augment=self.augment)

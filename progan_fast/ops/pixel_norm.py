@@ -40,7 +40,15 @@ from .triton import pixel_norm as kernels
 
 
 def reference(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Eager reference: the normalization is over dim 1 (channels) of an ``[N, C, ...]`` tensor."""
+    """Eager reference: the normalization is over dim 1 (channels) of an ``[N, C, ...]`` tensor.
+
+    fp16 and bf16 inputs are computed in float32 and rounded once, as the kernels do: in fp16 the
+    square of a value below about 1.7e-4 and the eps itself (1e-8, under fp16's smallest subnormal,
+    6e-8) round to zero, and a pixel of small features would be divided by zero.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        wide = x.float()
+        return (wide * torch.rsqrt(wide.square().mean(dim=1, keepdim=True) + eps)).to(x.dtype)
     return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + eps)
 
 
