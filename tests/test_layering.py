@@ -62,6 +62,7 @@ LAYERS = (
     Layer("image folders", ("image_folder",)),
     Layer("dataset labels and pyramid files", ("labels", "pyramid_file")),
     Layer("leaves", ("__init__", "data", "schedule", "checkpoint", "images", "profiling", "distributed", "swd", "fid")),
+    Layer("atomic file writes", ("files",)),
 )
 
 #: Imported names that are not Python modules of the package.
