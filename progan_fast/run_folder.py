@@ -202,10 +202,12 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. an NFS mount without locks
+                    log(f"note: the filesystem of {folder} cannot lock files ({e.strerror}); nothing stops a second "
+                        f"run from writing into this folder")
+                    break
                 holder = _read_record(fd)
                 os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise files.WriteError(path, e, "the run folder's lock") from None
                 holder = "a process that is starting" if holder == "no record" else holder
                 raise UsageError(f"run folder {folder} is in use by another training ({holder}); wait for it to "
                                  f"finish or stop it, or choose another --out")
@@ -220,8 +222,12 @@ class RunLock:
         if previous != "no record":  # the file of a holder that never released it: it died
             log(f"taking over the lock of {folder} left by {previous}, which {_ended(previous)}")
         record = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record.encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+        except OSError as e:  # a full disk
+            os.close(fd)
+            raise files.WriteError(path, e, "the run folder's lock") from None
         return cls(path, fd, created)
 
     def release(self) -> None:
