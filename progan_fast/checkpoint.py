@@ -9,11 +9,12 @@ those plain types.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from . import files
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
@@ -35,23 +36,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
+def atomic_torch_save(obj: object, path: Path, what: str = "checkpoint") -> None:
+    """``torch.save(obj)`` to ``path``, all or nothing (:func:`progan_fast.files.atomic_write`);
+    raises :class:`~progan_fast.files.WriteError` (an OSError) naming the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    # A file object, not a path: torch.save then raises the OSError of a failed write (a full disk)
+    # instead of its zip writer's RuntimeError.
+    files.write_bytes(path, lambda f: torch.save(obj, f), what)
 
 
 def remove_torn_writes(folder: Path) -> list[Path]:
@@ -60,7 +51,7 @@ def remove_torn_writes(folder: Path) -> list[Path]:
     writes to ``folder`` (one trainer owns a run folder)."""
     if not folder.is_dir():
         return []
-    torn = [p for p in folder.iterdir() if p.name.startswith(".ckpt-") and ".pt.tmp-" in p.name]
+    torn = [p for p in folder.iterdir() if p.name.startswith(".ckpt-") and files.is_temporary(p)]
     for p in torn:
         p.unlink(missing_ok=True)
     return torn

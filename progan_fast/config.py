@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import augment as augmentmod
 from . import data as datamod
-from . import image_folder, pyramid_file
+from . import files, image_folder, pyramid_file
 from .cli import UsageError
 from .gan_state import AMP_DTYPES
 from .losses import GP_RESOLUTIONS, LOSSES, PENALIZED
@@ -285,6 +285,9 @@ def load_data(config: TrainConfig, run_dir: Path, progress: bool) -> datamod.Ima
                  channels=config.channels)
     if not path.is_file():  # a folder (or nothing there: the folder loader says so)
         return image_folder.load_image_folder(path, config.max_res, **cache)
+    if files.is_temporary(path):  # complete or not, it was never renamed to its name: its writer was killed
+        raise datamod.DataError(f"--data {path} is the temporary file of a write that never finished (its process "
+                                "was killed); prepare the dataset again with python -m progan_fast.dataset")
     if path.suffix.lower() in image_folder.IMAGE_EXTENSIONS:
         raise datamod.DataError(f"--data {path} is an image file; pass the folder or zip archive that holds the "
                                 "images, or a prepared dataset (python -m progan_fast.dataset)")

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import image_folder, pyramid_file
+from . import files, image_folder, pyramid_file
 from .data import DataError, check_resolution
 
 PROG = "progan_fast.dataset"
@@ -49,24 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = args.out.expanduser()
     try:
         check_resolution(args.max_res)
-        out = args.out.expanduser()
         if out.exists() and not args.overwrite:
             raise DataError(f"{out} already exists; pass --overwrite to replace it")
         if out.is_dir():
             raise DataError(f"--out {out} is a folder; name the file to write")
+        if files.is_temporary(out):
+            raise DataError(f"--out {out}: names of the form .NAME.tmp-N are this tool's temporary files; "
+                            "choose another name")
+        # Before the decoding, which can take hours: the file's folder must exist and take a new file.
+        try:
+            files.check_writable_folder(out.parent, "--out's folder")
+        except files.WriteError as e:
+            raise DataError(f"--out's folder {e.path}: {e.reason}; {out.name} cannot be written there") from None
         src = Path(args.src).expanduser()
         load = image_folder.load_image_zip if src.is_file() else image_folder.load_image_folder
         dataset = load(src, args.max_res, cache_dir=None, progress=not args.no_progress, labels=args.labels,
                        fit=args.fit, channels=args.channels)
+        # Written to a temporary name and renamed at the end: Ctrl-C or a full disk leaves no file,
+        # and SIGKILL at most a temporary one that training refuses (progan_fast.files).
         pyramid_file.prepare(dataset, out)
     except DataError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"{PROG}: error: could not write {args.out}: {e}", file=sys.stderr)
+    except OSError as e:  # a WriteError (a full disk, ...), or reading the source failed midway
+        print(f"{PROG}: error: {e}; nothing was written", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: error: interrupted; nothing was written to {out}", file=sys.stderr)
+        return 130  # the shell's status for a death by Ctrl-C
     print(f"{PROG}: {dataset.summary}; wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {args.max_res}x{args.max_res} "
           f"down to 4x4)", file=sys.stderr)
     return 0

@@ -19,7 +19,6 @@ import hashlib
 import io
 import os
 import zipfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Union
@@ -29,6 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from . import files
 from . import labels as labelsmod
 from . import pyramid_file
 from .data import MIN_RES, DataError, ImageDataset, build_pyramid, check_resolution, plural
@@ -229,11 +229,13 @@ def _read_cache(path: Path, max_res: int, fit: str = "crop", channels: int = 3):
 
 
 def _write_cache(path: Path, prefix: str, dataset: ImageDataset) -> None:
+    # A cache that cannot be written (a full disk, an unwritable run folder) stops the run here, with
+    # one message: its checkpoints would go to the same disk and fail later, after the training.
     try:
-        pyramid_file.write(path, dataset, _CACHE_FORMAT)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        warnings.warn(f"could not write the data cache {path}: {e}", RuntimeWarning, stacklevel=3)
-        return
+        raise files.WriteError(path.parent, e, "the data cache folder") from None
+    pyramid_file.write(path, dataset, _CACHE_FORMAT, "the data cache")
     for old in path.parent.glob(prefix + "*.pt"):  # stale caches of the same source and resolution
         if old != path:
             try:

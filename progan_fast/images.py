@@ -1,4 +1,4 @@
-"""Image grids as PNG (Pillow). A leaf module: tensors in, files out."""
+"""Image grids as PNG (Pillow): tensors in, files out."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from . import files
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -38,8 +40,10 @@ def make_grid(images: torch.Tensor, columns: int | None = None, min_tile: int = 
 
 
 def save_grid(images: torch.Tensor, path: Path, columns: int | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    make_grid(images, columns).save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    """Write the grid as a PNG, all or nothing; raises :class:`~progan_fast.files.WriteError`."""
+    picture = make_grid(images, columns)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise files.WriteError(path.parent, e, "the folder of the image") from None
+    return files.write_bytes(path, lambda f: picture.save(f, format="PNG"), "the image")

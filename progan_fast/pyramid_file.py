@@ -13,12 +13,11 @@ atomically and read back memory-mapped, so host memory stays bounded by what bat
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from . import files
 from .data import DataError, ImageDataset, check_resolution
 
 #: The format tag of prepared datasets; bump it when their layout or the decoding changes.
@@ -75,9 +74,10 @@ def read(path: Path, max_res: int, fmt: str, at_least: bool = False, fit: str = 
     return obj
 
 
-def write(path: Path, dataset: ImageDataset, fmt: str) -> None:
-    """Write ``dataset`` atomically (a temporary file, fsync, rename): a reader never sees half a
-    file. Raises OSError."""
+def write(path: Path, dataset: ImageDataset, fmt: str, what: str) -> None:
+    """Write ``dataset`` atomically (:func:`progan_fast.files.atomic_write`): a reader never sees
+    half a file. ``path``'s folder must exist. Raises :class:`~progan_fast.files.WriteError`
+    naming the file as ``what``."""
     obj = {"format": fmt, "max_res": dataset.max_res, "num_images": len(dataset), "source": dataset.source,
            "summary": dataset.summary, "levels": dataset.levels}
     if (dataset.fit, dataset.channels) != ("crop", 3) or dataset.single_channel_source:
@@ -85,23 +85,7 @@ def write(path: Path, dataset: ImageDataset, fmt: str) -> None:
         obj.update(fit=dataset.fit, channels=dataset.channels, single_channel_source=dataset.single_channel_source)
     if dataset.labels is not None:
         obj.update(labels=dataset.labels, class_names=list(dataset.class_names))
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp_" + path.name, dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600
-        os.replace(tmp_name, path)
-        tmp_name = None
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
+    files.write_bytes(path, lambda f: torch.save(obj, f), what)
 
 
 def is_prepared(path: Path) -> bool:
@@ -121,7 +105,7 @@ def is_prepared(path: Path) -> bool:
 def prepare(dataset: ImageDataset, out: Path) -> None:
     """Write ``dataset`` (all its levels, and its labels if it has them) to ``out`` as a prepared
     dataset (atomically)."""
-    write(out, dataset, PREPARED_FORMAT)
+    write(out, dataset, PREPARED_FORMAT, "the prepared dataset")
 
 
 def load_prepared(path: Path, max_res: int, fit: str = "crop", channels: int = 3) -> ImageDataset:

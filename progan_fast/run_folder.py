@@ -27,13 +27,20 @@ earlier version lacks the newer settings; they take the values that reproduce it
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
+import os
+import re
 import shlex
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from . import files
 from .checkpoint import (CheckpointError, check_compatible, list_checkpoints, load_checkpoint, remove_torn_writes,
                          save_checkpoint)
 from .cli import UsageError
@@ -54,6 +61,20 @@ class RunFolder:
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.log = log
+        self.lock: RunLock | None = None  # held from acquire_lock() to release_lock()
+
+    # ----- one run per folder --------------------------------------------------------------------
+
+    def acquire_lock(self) -> None:
+        """Take the folder's lock for this process (see :class:`RunLock`), creating the folder if
+        needed; UsageError naming the other process if a live one holds it."""
+        if self.lock is None:
+            self.lock = RunLock.acquire(self.path, self.log)
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ----- config.json ---------------------------------------------------------------------------
 
@@ -69,9 +90,7 @@ class RunFolder:
     def write_config(self, config: TrainConfig, dataset_source: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"config": config.to_dict(), "dataset": dataset_source}, indent=2)
-        tmp = self.path / ".config.json.tmp"
-        tmp.write_text(text + "\n")
-        tmp.replace(self.path / "config.json")
+        files.write_bytes(self.path / "config.json", lambda f: f.write((text + "\n").encode()), "the run's config")
 
     # ----- resume policy -------------------------------------------------------------------------
 
@@ -122,6 +141,10 @@ class RunFolder:
     # ----- checkpoints ---------------------------------------------------------------------------
 
     def remove_torn_writes(self) -> None:
+        """Delete the temporary files of checkpoint writes that were killed; only while this process
+        holds the folder's lock (they could be a live run's write in progress otherwise)."""
+        if self.lock is None:
+            raise RuntimeError("remove_torn_writes needs the run folder's lock (RunFolder.acquire_lock)")
         for torn in remove_torn_writes(self.checkpoints):
             self.log(f"removed {torn.name}, a checkpoint write that was killed before it finished")
 
@@ -159,7 +182,118 @@ class RunFolder:
             payload["augment"] = augment_state
         if step_choices is not None:
             payload["step_choices"] = {k: dict(v) for k, v in step_choices.items()}
-        return save_checkpoint(self.checkpoints, images, payload, keep=keep)
+        try:
+            return save_checkpoint(self.checkpoints, images, payload, keep=keep)
+        except files.WriteError as e:  # nothing of this one was left; the earlier ones were not touched
+            kept = list_checkpoints(self.checkpoints)
+            e.note = (f"the checkpoints already in {self.checkpoints} are intact (newest: {kept[-1].name}); "
+                      f"free some space, then continue with --resume auto") if kept else \
+                "no checkpoint of this run was written yet"
+            raise
+
+
+class RunLock:
+    """One live process per run folder: an ``fcntl.flock`` on ``RUN/.lock``, which also holds a
+    record of the holder (pid, host, start time) for the message a second process gets.
+
+    The kernel drops a flock when its process dies, however it dies, so a lock left by a killed run
+    (its file still there, its record naming a dead pid) is simply taken again; the record then
+    says whose it was. A clean release deletes the file while still holding the lock; a process
+    that opened the file before that finds, once it holds the lock, that the path no longer names
+    the file it locked, and tries again.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, path: Path, fd: int, created_folder: bool) -> None:
+        self.path, self.fd, self.created_folder = path, fd, created_folder
+
+    @classmethod
+    def acquire(cls, folder: Path, log: Callable[[str], None] = print) -> RunLock:
+        folder = Path(folder)
+        created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise files.WriteError(folder, e, "the run folder") from None
+        path = folder / cls.FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise files.WriteError(path, e, "the run folder's lock") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. an NFS mount without locks
+                    log(f"note: the filesystem of {folder} cannot lock files ({e.strerror}); nothing stops a second "
+                        f"run from writing into this folder")
+                    break
+                holder = _read_record(fd)
+                os.close(fd)
+                holder = "a process that is starting" if holder == "no record" else holder
+                raise UsageError(f"run folder {folder} is in use by another training ({holder}); wait for it to "
+                                 f"finish or stop it, or choose another --out")
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # released and deleted by its holder after we opened it: open the new one
+        previous = _read_record(fd)
+        if previous != "no record":  # the file of a holder that never released it: it died
+            log(f"taking over the lock of {folder} left by {previous}, which {_ended(previous)}")
+        record = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+        except OSError as e:  # a full disk
+            os.close(fd)
+            raise files.WriteError(path, e, "the run folder's lock") from None
+        return cls(path, fd, created)
+
+    def release(self) -> None:
+        """Delete the lock file (still holding the lock, so no one takes a file about to vanish),
+        then drop the lock; removes the folder too if this lock created it and nothing else is there."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        if self.created_folder:
+            try:
+                self.path.parent.rmdir()  # only if empty: a run that stopped before writing anything
+            except OSError:
+                pass
+
+    def __del__(self) -> None:  # a Trainer dropped without run(): the process keeps no lock it forgot
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _ended(record: str) -> str:
+    """How the holder of a lock found unreleased ended, as far as this host can tell."""
+    holder = re.match(r"pid (\d+) on (.+?), started ", record)
+    if holder and holder.group(2) == socket.gethostname():
+        try:
+            os.kill(int(holder.group(1)), 0)
+        except ProcessLookupError:
+            return "is no longer running (killed?)"
+        except PermissionError:
+            pass
+    return "no longer holds it (killed?)"
+
+
+def _read_record(fd: int) -> str:
+    try:
+        text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "no record"
 
 
 def _keep_tables(saved: TrainConfig, config: TrainConfig, explicit: frozenset[str]) -> TrainConfig:

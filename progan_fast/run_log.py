@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import profiling
+from . import files, profiling
 from .data import ImageDataset, to_float
 from .images import save_grid
 from .schedule import Phase
@@ -57,7 +57,9 @@ class RunLog:
             reals = to_float(dataset.at(max_res)[:SAMPLE_GRID])
             save_grid(reals, self.path / "samples" / "reals.png")
         self.writer = self._open_tensorboard()
-        self._file = open(self.path / "log.jsonl", "a")
+        # Unbuffered: a record is on disk when _write returns, and a failed write leaves nothing
+        # queued in a buffer that a later flush or close would try (and fail) to write again.
+        self._file = open(self.path / "log.jsonl", "ab", buffering=0)
 
     def _open_tensorboard(self):
         if not self.tensorboard:
@@ -140,8 +142,17 @@ class RunLog:
                 self.writer.add_scalar(f"metrics/{k}", v, images)
 
     def _write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = (json.dumps(record) + "\n").encode()
+        end = self._file.seek(0, 2)
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as e:  # a full disk: cut the half-written line off, so that every line stays a record
+            try:
+                self._file.truncate(end)
+            except OSError:
+                pass
+            raise files.WriteError(self.path / "log.jsonl", e, "the run log") from None
 
 
 class StepProfiler:

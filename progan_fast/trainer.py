@@ -112,6 +112,30 @@ class Trainer:
             self.log(f"backend auto: each op times its backends on first use of a shape; "
                      f"{ops.autotune.cache_description(self.device)}")
         self.folder = RunFolder(options.out, self.log)
+        self._lock_folder()
+        try:
+            self._set_up(config, options, world)
+        except BaseException:
+            self.folder.release_lock()
+            raise
+
+    def _lock_folder(self) -> None:
+        """One live run per folder: rank 0 takes the folder's lock before anything reads or changes
+        the folder (resume's removal of torn checkpoint writes included); every rank stops alike
+        if another process holds it."""
+        error = None
+        if self.world.is_main:
+            try:
+                self.folder.acquire_lock()
+            except (UsageError, OSError) as e:
+                error = e
+        message = self.world.broadcast_object(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:  # rank 0's refusal, raised on every rank (rank 0 alone prints it)
+            raise UsageError(message)
+
+    def _set_up(self, config: TrainConfig, options: RunOptions, world: distributed.World) -> None:
         # A resume may keep the run's batch and learning-rate tables, or change batches not yet used.
         config, checkpoint = self.folder.checkpoint_to_resume(config, options.resume, options.explicit)
         self.config = config
@@ -259,6 +283,7 @@ class Trainer:
         finally:
             bar.close()
             self.run_log.close()
+            self.folder.release_lock()
         if finished:
             self.log(f"done: {total / 1000:.1f} kimg; samples in {self.folder.path / 'samples'}")
         else:

@@ -370,7 +370,7 @@ def test_cache_reused_and_invalidated(tmp_path, monkeypatch):
     first = load(folder, cache_dir=cache)
     assert not first.from_cache
     files = list(cache.glob("*.pt"))
-    assert len(files) == 1 and not list(cache.glob(".tmp*"))
+    assert len(files) == 1 and not list(cache.glob(".*.tmp-*"))
 
     real_decode = image_folder._decode_image
 

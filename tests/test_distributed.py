@@ -264,3 +264,22 @@ def test_cuda_graphs_with_several_ranks_is_refused_with_a_clear_message(tmp_path
     with pytest.raises(UsageError, match="--cuda-graphs is not supported with several ranks"):
         Trainer(TrainConfig(max_res=8), options, log=lambda m: None, world=world)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_in_use_is_refused_once_by_every_rank(tmp_path):
+    """Under torchrun rank 0 alone takes the folder's lock; its refusal reaches every rank (none
+    waits for it in a collective), and it is printed once."""
+    from test_crash_safety import LOCK_HOLDER
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "LOCKED" in holder.stdout.readline(), "the lock holder did not start"
+        result = run_cli(TINY + ["--out", str(out)], ranks=2)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.count(f"is in use by another training (pid {holder.pid} on ") == 1, result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "config.json").exists()

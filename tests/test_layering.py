@@ -64,6 +64,7 @@ LAYERS = (
     Layer("dataset labels and pyramid files", ("labels", "pyramid_file")),
     Layer("leaves", ("__init__", "data", "schedule", "checkpoint", "images", "profiling", "distributed", "swd", "fid",
                      "augment")),
+    Layer("atomic file writes", ("files",)),
 )
 
 #: Imported names that are not Python modules of the package.
