@@ -40,7 +40,7 @@ class Layer:
 
 #: The layers of progan_fast, top first. Names are relative to the package.
 LAYERS = (
-    Layer("command lines", ("train", "bench", "generate", "metrics", "dataset", "ops.kernel_report",
+    Layer("command lines", ("train", "bench", "generate", "export", "metrics", "dataset", "ops.kernel_report",
                             "ops.native_status")),
     Layer("training loop", ("trainer",)),
     Layer("run folder, run log, reading runs", ("run_folder", "run_log", "inference")),
