@@ -101,6 +101,8 @@ class RunOptions:
     swd_images: int = 1024
     max_skipped_steps: int = 10  # stop after this many consecutive steps with non-finite losses
     resume_command: str | None = None  # what to type to continue this run (the CLI fills it in)
+    init_from: str | None = None  # a new run starts from this run folder's or checkpoint's weights
+    given_settings: frozenset[str] = frozenset()  # TrainConfig fields set by a flag (not a default or preset)
 
 
 def validate(config: TrainConfig, options: RunOptions) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed, ops, profiling
+from . import distributed, init_from, ops, profiling
 from .cli import TrainingDiverged, UsageError, resolve_device
 from .config import RunOptions, TrainConfig, load_data, validate
 from .data import ImageDataset
@@ -106,7 +106,12 @@ class Trainer:
             self.log(f"backend auto: each op times its backends on first use of a shape; "
                      f"{ops.autotune.cache_description(self.device)}")
         self.folder = RunFolder(options.out, self.log)
+        # --init-from: the source's architecture (or, on a resume, the run's own); its weights below
+        config, source = init_from.settle(config, options.init_from, options.given_settings, self.folder,
+                                          options.resume)
+        self.config = config
         checkpoint = self.folder.checkpoint_to_resume(config, options.resume)
+        self.init_record = source.record() if source is not None else self.folder.saved_init_from()
 
         self.phases = build_schedule(config.max_res, config.kimg_per_phase, config.batch)
         self._check_batch_split()
@@ -123,6 +128,11 @@ class Trainer:
         )
         self.phase_index, self.step = 0, 0
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
+        if source is not None:
+            init_from.load_weights(self.state, source, self.class_names, self.log)
+            self.phase_index = init_from.start_phase(self.phases, source.res)
+            self.log(f"starting from {source.path} ({source.res}px): at {source.res}px stable, "
+                     f"{self.images_done() / 1000:g} kimg into this run's schedule")
         if checkpoint is not None:
             self.phase_index, self.step = restore(checkpoint, self.state, config, self.dataset, self.phases,
                                                   self.device, self.log)
@@ -205,7 +215,7 @@ class Trainer:
         main = self.world.is_main
         self.world.barrier()  # every rank has checked the run folder before rank 0 writes into it
         if main:
-            self.folder.write_config(self.config, self.dataset.source)
+            self.folder.write_config(self.config, self.dataset.source, init_from=self.init_record)
             self.folder.remove_torn_writes()
         amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
         graphs = ", CUDA graphs" if self.use_graphs else ""
