@@ -85,8 +85,8 @@ def example_inputs(loaded: LoadedGenerator, batch: int, device: torch.device) ->
 
 
 def custom_ops_in(program: torch.export.ExportedProgram) -> list[str]:
-    """The calls in ``program`` to ops outside PyTorch's own namespaces (aten, prims, ...): what a
-    machine without progan_fast could not run."""
+    """The progan_fast custom ops (``torch.ops.progan_fast.*``) ``program`` calls: what a machine
+    without progan_fast could not run."""
     foreign = set()
     for node in program.graph.nodes:
         if node.op == "call_function" and getattr(node.target, "namespace", None) == "progan_fast":

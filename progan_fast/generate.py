@@ -42,7 +42,8 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def truncated_normal(shape: tuple[int, ...], generator: torch.Generator, truncation: float | None = None) -> torch.Tensor:
+def truncated_normal(shape: tuple[int, ...], generator: torch.Generator,
+                     truncation: float | None = None) -> torch.Tensor:
     """N(0, 1) draws of ``shape``; with ``truncation`` T, from the normal truncated to [-T, T]
     (BigGAN's truncation trick: a value beyond T is redrawn).
 

@@ -67,9 +67,9 @@ def read_source(path: Path) -> Source:
         raise CheckpointError(f"--init-from: {e}") from None
     cfg = state.get("config")
     missing = [k for k in REQUIRED_CONFIG if not isinstance(cfg, dict) or k not in cfg]
-    if missing or any(name not in state for name in (*_NETWORKS, "phase_index", "step")):
-        raise CheckpointError(f"checkpoint {ckpt} holds no usable run to start from (missing: "
-                              f"{', '.join(missing or [n for n in (*_NETWORKS, 'phase_index', 'step') if n not in state])})")
+    missing += [name for name in (*_NETWORKS, "phase_index", "step") if name not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} holds no usable run to start from (missing: {', '.join(missing)})")
     try:
         config = TrainConfig.from_dict(cfg)
         res, _ = position(config, int(state["phase_index"]), int(state["step"]))
@@ -104,7 +104,8 @@ def settle(config: TrainConfig, init_from: str | None, given: frozenset[str], fo
         record = folder.saved_init_from()
         saved = folder.saved_config()
         if record is not None and saved is not None:
-            config = with_architecture(config, saved, given, f"the run in {folder.path} (started from {record['path']})")
+            where = f"the run in {folder.path} (started from {record.get('path')})"
+            config = with_architecture(config, saved, given, where)
         return config, None
     if init_from is None:
         return config, None

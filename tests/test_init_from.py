@@ -164,3 +164,10 @@ def test_another_number_of_classes_restarts_only_the_class_parts(source, cond_so
             assert torch.equal(new["input.weight"][:, :latent], src[name]["input.weight"][:, :latent])
             assert torch.equal(new["input.weight"][:, latent:], fresh.G.state_dict()["input.weight"][:, latent:])
             assert new["input.weight"].shape[1] == latent + classes
+
+
+def test_help_explains_the_new_flags():
+    from progan_fast import generate
+
+    assert "--init-from" in train.build_parser().format_help()
+    assert "--truncation" in generate.build_parser().format_help()
