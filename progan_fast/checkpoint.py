@@ -9,6 +9,7 @@ those plain types.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -34,6 +35,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def sha256_of_file(path: Path) -> str:
+    """The file's SHA-256, hex (what a run started with --init-from records of its source)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_torch_save(obj: object, path: Path, what: str = "checkpoint") -> None:

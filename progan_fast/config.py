@@ -197,9 +197,11 @@ class RunOptions:
     swd_images: int = 1024
     max_skipped_steps: int = 10  # stop after this many consecutive steps with non-finite losses
     resume_command: str | None = None  # what to type to continue this run (the CLI fills it in)
-    # The settings given on the command line (TrainConfig field names): --mbstd-group lifts the check of
-    # the per-rank batch against the group size, and a resume keeps the run's batch and learning-rate
-    # tables unless --batch or --lr is given.
+    init_from: str | None = None  # a new run starts from this run folder's or checkpoint's weights
+    # The TrainConfig fields a flag set (not a default or the preset): --mbstd-group lifts the check of
+    # the per-rank batch against the group size; a resume keeps the run's batch and learning-rate
+    # tables unless --batch or --lr is given; --init-from refuses an architecture flag that contradicts
+    # its source.
     explicit: frozenset[str] = field(default_factory=frozenset)
 
 

@@ -1,8 +1,9 @@
 """Command line: ``python -m progan_fast.generate CKPT --n 64 --out grid.png``.
 
-Samples a run's EMA generator (no truncation: latents are plain N(0, 1) draws from a generator
-seeded by ``--seed``, so the same command gives the same picture) at the resolution and fade the
-checkpoint was training. ``--interpolate STEPS`` writes a latent interpolation strip instead:
+Samples a run's EMA generator (latents are N(0, 1) draws from a generator seeded by ``--seed``,
+so the same command gives the same picture) at the resolution and fade the checkpoint was
+training. ``--truncation T`` draws them from the normal truncated at ``T`` instead (BigGAN's
+truncation trick; see :func:`truncated_normal`). ``--interpolate STEPS`` writes a latent interpolation strip instead:
 ``--n`` rows, each going in STEPS images from one random latent to another along the great
 circle (spherical interpolation, since G pixel-normalises its latent onto a sphere anyway).
 A class-conditional run's generator takes ``--class K`` (a class number or name: every image of
@@ -41,14 +42,41 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_grid_latents(n: int, latent_size: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, latent_size, generator=torch.Generator().manual_seed(seed))
+def truncated_normal(shape: tuple[int, ...], generator: torch.Generator,
+                     truncation: float | None = None) -> torch.Tensor:
+    """N(0, 1) draws of ``shape``; with ``truncation`` T, from the normal truncated to [-T, T]
+    (BigGAN's truncation trick: a value beyond T is redrawn).
+
+    A value beyond T is redrawn directly from the truncated distribution by inverting its CDF (in
+    float64), which is what redrawing it until it lands inside gives, without a loop whose length
+    grows as 1/T. The plain draw comes first from the same generator, so values already inside T
+    are kept: a T no value exceeds gives exactly the untruncated latents, and the seed fixes
+    the result either way.
+    """
+    z = torch.randn(shape, generator=generator)
+    if truncation is None:
+        return z
+    beyond = z.abs() > truncation
+    count = int(beyond.sum())
+    if count:
+        t = torch.tensor(float(truncation), dtype=torch.float64)
+        low = torch.special.ndtr(-t)  # P(x < -T)
+        u = low + torch.rand(count, generator=generator, dtype=torch.float64) * (1 - 2 * low)
+        z[beyond] = torch.special.ndtri(u).clamp(-t, t).to(z.dtype)
+    return z
 
 
 @torch.no_grad()
-def interpolation_latents(rows: int, steps: int, latent_size: int, seed: int) -> torch.Tensor:
-    """``[rows * steps, latent]``: row ``i`` goes from latent ``2i`` to ``2i + 1`` of the seeded draw."""
-    ends = torch.randn(rows, 2, latent_size, generator=torch.Generator().manual_seed(seed))
+def sample_grid_latents(n: int, latent_size: int, seed: int, truncation: float | None = None) -> torch.Tensor:
+    return truncated_normal((n, latent_size), torch.Generator().manual_seed(seed), truncation)
+
+
+@torch.no_grad()
+def interpolation_latents(rows: int, steps: int, latent_size: int, seed: int,
+                          truncation: float | None = None) -> torch.Tensor:
+    """``[rows * steps, latent]``: row ``i`` goes from latent ``2i`` to ``2i + 1`` of the seeded
+    draw (the endpoints truncated at ``truncation``, if given)."""
+    ends = truncated_normal((rows, 2, latent_size), torch.Generator().manual_seed(seed), truncation)
     return slerp(ends[:, 0], ends[:, 1], torch.linspace(0, 1, steps)).reshape(rows * steps, latent_size)
 
 
@@ -56,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Sample a run's EMA generator into a PNG grid (or a latent interpolation strip), "
-                    "at the resolution and fade of the checkpoint. Seeded and truncation-free.",
+                    "at the resolution and fade of the checkpoint. Seeded: the same command gives the same picture.",
         epilog="Examples: '%(prog)s runs/demo --n 64 --out grid.png' | "
                "'%(prog)s runs/demo/checkpoints/ckpt-000000112000.pt --interpolate 10 --n 4 --out strip.png'",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -69,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the latents")
     p.add_argument("--interpolate", metavar="STEPS", type=int, default=None,
                    help="write an interpolation strip: each row goes from one random latent to another in STEPS images")
+    p.add_argument("--truncation", metavar="T", type=float, default=None,
+                   help="draw the latents from the normal truncated at T (a value beyond T is redrawn: BigGAN's "
+                        "truncation trick); also --interpolate's endpoints. A T no value exceeds gives the plain "
+                        "draw. Note: G pixel-normalizes its latent, so an unconditional run sees only the latent's "
+                        "direction; its images approach the zero latent's image only for tiny T (far below pixel "
+                        "norm's epsilon, e.g. 1e-10), while a conditional run's label weighs more as T shrinks. "
+                        "Default: no truncation")
     p.add_argument("--columns", type=int, default=None, help="grid columns (default: square-ish; with --interpolate: STEPS)")
     p.add_argument("--class", dest="klass", metavar="K|all", default=None,
                    help="class-conditional runs: the class to generate (its number or name), or 'all' for one row per "
@@ -96,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--n must be at least 1, not {n}")
         if args.interpolate is not None and args.interpolate < 2:
             raise UsageError(f"--interpolate needs at least 2 steps, not {args.interpolate}")
+        if args.truncation is not None and not args.truncation > 0:
+            raise UsageError(f"--truncation must be a positive number, not {args.truncation}")
         if args.out.suffix.lower() != ".png":
             raise UsageError(f"--out {args.out} must end in .png")
         device = resolve_device(args.device)
@@ -107,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = len(classes) if per_class and not args.interpolate else n
         per_row = args.interpolate or (n if per_class else 1)
         if args.interpolate:
-            z = interpolation_latents(rows, args.interpolate, latent, args.seed)
+            z = interpolation_latents(rows, args.interpolate, latent, args.seed, args.truncation)
             columns = args.columns or args.interpolate
         else:
-            z = sample_grid_latents(rows * per_row if per_class else n, latent, args.seed)
+            z = sample_grid_latents(rows * per_row if per_class else n, latent, args.seed, args.truncation)
             columns = args.columns or (n if per_class else None)
         labels = None
         if classes:  # row r: class r (mod C), or every image of the one class asked for

@@ -19,7 +19,7 @@ from .config import TrainConfig, load_data
 from .networks import Generator
 
 #: Config keys without which a checkpoint's generator cannot be rebuilt.
-_REQUIRED = ("max_res", "latent_size", "fmap_base", "fmap_max", "kimg_per_phase", "batch")
+REQUIRED_CONFIG = ("max_res", "latent_size", "fmap_base", "fmap_max", "kimg_per_phase", "batch")
 
 
 @dataclass
@@ -68,8 +68,8 @@ def load_generator(path: Path, device: torch.device | str = "cpu") -> LoadedGene
     ckpt_path, run_dir = find_checkpoint(path)
     state = load_checkpoint(ckpt_path)
     cfg = state.get("config")
-    if not isinstance(cfg, dict) or any(k not in cfg for k in _REQUIRED):
-        missing = [k for k in _REQUIRED if not isinstance(cfg, dict) or k not in cfg]
+    if not isinstance(cfg, dict) or any(k not in cfg for k in REQUIRED_CONFIG):
+        missing = [k for k in REQUIRED_CONFIG if not isinstance(cfg, dict) or k not in cfg]
         raise CheckpointError(f"checkpoint {ckpt_path} holds no usable run config (missing: {', '.join(missing)})")
     try:
         config = TrainConfig.from_dict(cfg)

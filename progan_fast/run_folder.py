@@ -87,9 +87,24 @@ class RunFolder:
         except (ValueError, KeyError, TypeError) as e:
             raise UsageError(f"{path} is not a progan_fast run config ({e})") from None
 
-    def write_config(self, config: TrainConfig, dataset_source: str) -> None:
+    def saved_init_from(self) -> dict | None:
+        """What ``config.json`` records of the checkpoint the run started from (``--init-from``), or None."""
+        path = self.path / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text()).get("init_from")
+        except (ValueError, AttributeError) as e:
+            raise UsageError(f"{path} is not a progan_fast run config ({e})") from None
+        return record if isinstance(record, dict) else None
+
+    def write_config(self, config: TrainConfig, dataset_source: str, init_from: dict | None = None) -> None:
+        """``init_from``: the source checkpoint's record, for a run started with ``--init-from``."""
         self.path.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"config": config.to_dict(), "dataset": dataset_source}, indent=2)
+        document = {"config": config.to_dict(), "dataset": dataset_source}
+        if init_from is not None:
+            document["init_from"] = init_from
+        text = json.dumps(document, indent=2)
         files.write_bytes(self.path / "config.json", lambda f: f.write((text + "\n").encode()), "the run's config")
 
     # ----- resume policy -------------------------------------------------------------------------

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' continues from the newest checkpoint in --out (or starts there if it has none); "
                         "a path resumes from that checkpoint. All settings must match the run's, except that a "
                         "larger --max-res grows a finished run further")
+    g.add_argument("--init-from", metavar="RUN|CKPT", default=None,
+                   help="start a new run from another run's G, D and G_ema (a run folder: its newest checkpoint). "
+                        "It begins in the stabilize phase of the resolution the source had reached and grows to "
+                        "--max-res (not lower than that); the networks' shape (--latent-size, --fmap-base, "
+                        "--fmap-max, --mbstd-group) comes from the source, and a flag that contradicts it is "
+                        "refused. Data, schedule, loss, lr and seed are this run's; the optimizer starts afresh. "
+                        "With another number of classes (--cond), G's label input and D's class outputs start "
+                        "afresh. config.json records the source's path and SHA-256; a resume never reads it again")
 
     m = p.add_argument_group("model and schedule (a preset fills these; a flag overrides it)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="laptop",
@@ -247,13 +255,6 @@ def parse_table(text: str, name: str, kind: type) -> tuple[dict[int, float], flo
     return table, every
 
 
-def explicit_settings(args: argparse.Namespace) -> frozenset[str]:
-    """The names of the settings the command line gave (see :attr:`RunOptions.explicit`)."""
-    given = (("batch", args.batch), ("lr", args.lr), ("mbstd_group_size", args.mbstd_group), ("loss", args.loss),
-             ("total_kimg", args.total_kimg))
-    return frozenset(name for name, value in given if value is not None)
-
-
 def config_from_args(args: argparse.Namespace, ranks: int = 1) -> TrainConfig:
     """The run's settings from the flags and the preset (whose paper tables depend on ``ranks``)."""
     preset = PRESETS[args.preset]
@@ -309,6 +310,23 @@ def config_from_args(args: argparse.Namespace, ranks: int = 1) -> TrainConfig:
         total_kimg=total,
         gp_resolution=args.gp_resolution,
     )
+
+
+#: The TrainConfig field each argparse destination sets, for the settings --init-from takes from its source.
+#: The flags (argparse dests) that set a TrainConfig field, and the field each sets, where
+#: :attr:`RunOptions.explicit` needs to know whether the command line gave it.
+_SETTING_DESTS = {"latent_size": "latent_size", "fmap_base": "fmap_base", "fmap_max": "fmap_max",
+                  "mbstd_group": "mbstd_group_size", "channels": "channels", "batch": "batch", "lr": "lr",
+                  "loss": "loss", "total_kimg": "total_kimg"}
+_NOT_GIVEN = object()
+
+
+def given_settings(argv: list[str]) -> frozenset[str]:
+    """The settings of :data:`_SETTING_DESTS` set by a flag in ``argv`` (not by a default or the preset)."""
+    probe = build_parser()
+    probe.set_defaults(**{dest: _NOT_GIVEN for dest in _SETTING_DESTS})
+    args = probe.parse_args(argv)
+    return frozenset(field for dest, field in _SETTING_DESTS.items() if getattr(args, dest) is not _NOT_GIVEN)
 
 
 def cuda_window(text: str) -> tuple[int, int]:
@@ -423,7 +441,8 @@ def _train(args: argparse.Namespace, world: distributed.World, argv: list[str]) 
         cuda_profiler_window=None if args.cuda_profiler_steps is None else cuda_window(args.cuda_profiler_steps),
         max_skipped_steps=args.max_skipped_steps,
         resume_command=resume_command(argv, out, world),
-        explicit=explicit_settings(args),
+        init_from=args.init_from,
+        explicit=given_settings(argv),
     )
     Trainer(config, options, log=lambda msg: print(f"{PROG}: {msg}", file=sys.stderr), world=world).run()
     return 0

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import augment as augmentmod
-from . import distributed, ops, profiling, step_choice
+from . import distributed, init_from, ops, profiling, step_choice
 from .cli import TrainingDiverged, UsageError, resolve_device
 from .config import RunOptions, TrainConfig, load_data, validate
 from .data import ImageDataset
@@ -136,9 +136,12 @@ class Trainer:
             raise UsageError(message)
 
     def _set_up(self, config: TrainConfig, options: RunOptions, world: distributed.World) -> None:
+        # --init-from: the source's architecture (or, on a resume, the run's own); its weights below
+        config, source = init_from.settle(config, options.init_from, options.explicit, self.folder, options.resume)
         # A resume may keep the run's batch and learning-rate tables, or change batches not yet used.
         config, checkpoint = self.folder.checkpoint_to_resume(config, options.resume, options.explicit)
         self.config = config
+        self.init_record = source.record() if source is not None else self.folder.saved_init_from()
 
         self.phases = config.schedule()
         self._check_batch_split()
@@ -165,6 +168,11 @@ class Trainer:
         self.graphs = None  # the StageGraphs of a --cuda-graphs run, once it starts
         self.augment = None if config.augment is None else augmentmod.Augment(
             augmentmod.parse_policy(config.augment), config.augment_p, self.device)
+        if source is not None:
+            init_from.load_weights(self.state, source, self.class_names, self.log)
+            self.phase_index = init_from.start_phase(self.phases, source.res)
+            self.log(f"starting from {source.path} ({source.res}px): at {source.res}px stable, "
+                     f"{self.images_done() / 1000:g} kimg into this run's schedule")
         if checkpoint is not None:
             self.phase_index, self.step = restore(checkpoint, self.state, config, self.dataset, self.phases,
                                                   self.device, self.log)
@@ -263,7 +271,7 @@ class Trainer:
         main = self.world.is_main
         self.world.barrier()  # every rank has checked the run folder before rank 0 writes into it
         if main:
-            self.folder.write_config(self.config, self.dataset.source)
+            self.folder.write_config(self.config, self.dataset.source, init_from=self.init_record)
             self.folder.remove_torn_writes()
         amp = "float32" if self.options.amp is None else f"amp {self.options.amp}"
         graphs = ", CUDA graphs" if self.use_graphs else ""

@@ -40,9 +40,10 @@ class Layer:
 
 #: The layers of progan_fast, top first. Names are relative to the package.
 LAYERS = (
-    Layer("command lines", ("train", "bench", "generate", "metrics", "dataset", "ops.kernel_report",
+    Layer("command lines", ("train", "bench", "generate", "export", "metrics", "dataset", "ops.kernel_report",
                             "ops.native_status")),
     Layer("training loop", ("trainer",)),
+    Layer("starting from another run", ("init_from",)),
     Layer("run folder, run log, reading runs", ("run_folder", "run_log", "inference")),
     Layer("run settings", ("config",)),
     Layer("CUDA graphs", ("graphs",)),

@@ -152,3 +152,71 @@ def test_generate_bad_inputs(tmp_path, run_dir, capsys):
                      capsys.readouterr().err, "--n")
     result = run_module("progan_fast.generate", tmp_path / "nope")
     assert_one_error(result.returncode, result.stderr, "does not exist")
+
+
+# --------------------------------------------------------------------------- generate --truncation
+
+
+def test_truncated_normal_redraws_only_the_values_beyond_t():
+    plain = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
+    z = generate.truncated_normal((64, 32), torch.Generator().manual_seed(3), 1.0)
+    inside = plain.abs() <= 1.0
+    assert torch.equal(z[inside], plain[inside])  # values within T are the plain draw's
+    redrawn = z[~inside]
+    assert redrawn.numel() > 500 and redrawn.abs().max() <= 1.0
+    # Redrawn, not clamped: no value sits on the bound, and they spread over [-1, 1] as the
+    # truncated normal does (variance 1 - 2 phi(1) / (2 Phi(1) - 1) = 0.2911).
+    assert (redrawn.abs() == 1.0).sum() == 0
+    assert abs(redrawn.var().item() - 0.2911) < 0.03
+    # The seed fixes the draw; a large T is the plain draw, bit for bit.
+    assert torch.equal(z, generate.truncated_normal((64, 32), torch.Generator().manual_seed(3), 1.0))
+    assert torch.equal(generate.truncated_normal((64, 32), torch.Generator().manual_seed(3), 1e9), plain)
+    tiny = generate.truncated_normal((64, 32), torch.Generator().manual_seed(3), 1e-6)
+    assert tiny.abs().max() <= 1e-6 and tiny.abs().min() > 0
+
+
+def _tiles(path: Path, n: int, tile: int = 64, step: int = 8) -> np.ndarray:
+    """The ``n`` 8x8 images of a one-row grid of 8px tiles shown at 64px."""
+    grid = np.asarray(Image.open(path))
+    return np.stack([grid[::step, i * tile:(i + 1) * tile:step] for i in range(n)]).astype(int)
+
+
+def test_generate_truncation_limits_and_seed(run_dir, tmp_path):
+    common = [str(run_dir), "--n", "4", "--columns", "4", "--device", "cpu"]
+    paths = {name: tmp_path / f"{name}.png" for name in ("plain", "large", "small", "seed", "seed_again", "other")}
+    assert generate.main(common + ["--out", str(paths["plain"])]) == 0
+    assert generate.main(common + ["--truncation", "1e9", "--out", str(paths["large"])]) == 0
+    assert paths["large"].read_bytes() == paths["plain"].read_bytes()  # T large: the plain draw
+
+    # T near 0: every image is the zero latent's. G pixel-normalizes z, so "near" means far below pixel
+    # norm's epsilon: then the normalized z is ~T / 1e-4 (a tiny untrained G's input bias is ~1e-3).
+    assert generate.main(common + ["--truncation", "1e-12", "--out", str(paths["small"])]) == 0
+    ema, _ = _ema_and_raw_generators(list_checkpoints(run_dir / "checkpoints")[-1])
+    with torch.no_grad():
+        zero = to_uint8(ema(torch.zeros(1, 8), 8))[0].astype(int)
+    assert np.abs(_tiles(paths["small"], 4) - zero).max() <= 1
+    assert np.abs(_tiles(paths["plain"], 4) - zero).max() > 10
+
+    # The seed still fixes the picture, and another seed changes it.
+    for name, seed in (("seed", "5"), ("seed_again", "5"), ("other", "6")):
+        assert generate.main(common + ["--truncation", "0.5", "--seed", seed, "--out", str(paths[name])]) == 0
+    assert paths["seed"].read_bytes() == paths["seed_again"].read_bytes()
+    assert paths["seed"].read_bytes() != paths["other"].read_bytes()
+    assert paths["seed"].read_bytes() != paths["plain"].read_bytes()
+
+
+def test_generate_truncation_with_interpolate(run_dir, tmp_path):
+    common = [str(run_dir), "--interpolate", "5", "--n", "2", "--device", "cpu"]
+    plain, large, small = tmp_path / "plain.png", tmp_path / "large.png", tmp_path / "small.png"
+    assert generate.main(common + ["--out", str(plain)]) == 0
+    assert generate.main(common + ["--truncation", "1e9", "--out", str(large)]) == 0
+    assert large.read_bytes() == plain.read_bytes()
+    assert generate.main(common + ["--truncation", "1e-12", "--out", str(small)]) == 0
+    grid = np.asarray(Image.open(small)).astype(int)[::8, ::8]  # 2 rows of 5 8px images
+    assert np.abs(grid - np.tile(grid[:8, :8], (2, 5, 1))).max() <= 1  # all one image
+
+
+def test_generate_truncation_must_be_positive(run_dir, tmp_path, capsys):
+    for value in ("0", "-1", "nan"):
+        assert_one_error(generate.main([str(run_dir), "--truncation", value, "--out", str(tmp_path / "g.png")]),
+                         capsys.readouterr().err, "--truncation")
