@@ -59,7 +59,8 @@ def _check_against_reference(x, w, b, opts, scale, tol):
         assert _rel_err(t.grad, r.grad) <= 2 * tol, (name, _rel_err(t.grad, r.grad))
 
 
-@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("dtype", [d if d == torch.float32 else pytest.param(d, marks=pytest.mark.slow)  # fp32 fast
+                                   for d in TOL], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_backward_match_the_reference(name, dtype):
     x, w, b, opts = _make(CASES[name], dtype)
@@ -334,6 +335,7 @@ def gpu_launch_path(monkeypatch):
     return only
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
 @pytest.mark.parametrize("entry", interpreter_distinct(_ALL_CONV_CONFIGS), ids=_config_id)
 def test_every_forward_config_on_several_tiles(entry, gpu_launch_path):
@@ -363,6 +365,7 @@ def test_every_forward_config_on_several_tiles(entry, gpu_launch_path):
     assert _rel_err(y, want) <= (1e-12 if dtype == torch.float64 else 2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
 @pytest.mark.parametrize("cfg", tca._ACT_BWD_CONFIGS if _ALL_CONV_CONFIGS else [], ids=lambda c: str(c.kwargs))
 def test_every_backward_config_on_several_tiles(cfg, gpu_launch_path):
