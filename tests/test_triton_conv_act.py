@@ -67,6 +67,7 @@ def test_forward_and_backward_match_the_reference(name, dtype):
     _check_against_reference(x, w, b, opts, 0.3, TOL[dtype])
 
 
+@pytest.mark.slow  # under the interpreter: tens of seconds
 @pytest.mark.parametrize("res,up", [(32, False), (64, True)])
 def test_large_resolutions_with_few_channels(res, up):
     # The stages 32x32 and 64x64 (the 64x64 one as G's upsampling conv from 32x32), kept cheap for
@@ -131,6 +132,7 @@ def _grad_inputs(case):
     return fn, ((x, w, b) if has_bias else (x, w))
 
 
+@pytest.mark.slow  # under the interpreter: tens of seconds
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_gradcheck_and_gradgradcheck(name):
     torch.manual_seed(0)
@@ -166,6 +168,7 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.slow  # under the interpreter: tens of seconds
 @pytest.mark.parametrize("case", OPCHECK_CASES, ids=["3x3", "up_pn_nobias", "dense_noact"])
 def test_opcheck(case):
     x, w, b, opts = _make(case, torch.float32)
