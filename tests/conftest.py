@@ -63,6 +63,18 @@ def _reference_backend():
     ops.autotune.TUNER.reset()
 
 
+@pytest.fixture(scope="module")
+def emu():
+    """The CUDA kernels' CPU emulator (tests/layout_checks.py's loader: built on first use, or the
+    build PROGAN_CUDA_EMULATION_LIBRARY names), for the channels-last files' NHWC kernel tests.
+    tests/test_cuda_emulated.py has its own."""
+    from layout_checks import load_emulator
+
+    e = load_emulator()
+    yield e
+    e.configure()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print the Triton kernel report (registers, spills, shared memory per kernel and arch)."""
     import sys

@@ -1,4 +1,4 @@
-"""Channels-last test helpers, shared by tests/test_channels_last_{fade_in,blend,downsample2x}.py:
+"""Channels-last test helpers, shared by every tests/test_channels_last_*.py file:
 the backends to run, inputs in either dense layout, layout assertions, the hidden-copy detector and the CUDA emulator.
 
 Not a test file (no ``test_`` prefix); the test files import it by name (tests/ is on sys.path).
@@ -41,6 +41,11 @@ def layout_id(channels_last: bool) -> str:
     return "nhwc" if channels_last else "nchw"
 
 
+def layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` dense in NHWC (``channels_last``) or NCHW."""
+    return t.contiguous(memory_format=CL) if channels_last else t.contiguous()
+
+
 def randn(shape, dtype=torch.float32, channels_last=False, device="cpu", seed=0) -> torch.Tensor:
     """A random tensor (drawn in float64, so every dtype sees the same values) in the given layout."""
     g = torch.Generator().manual_seed(seed)
@@ -63,14 +68,14 @@ COPY_OPS = ("aten::clone", "aten::copy_", "aten::contiguous", "aten::_to_copy", 
 
 def activation_copies(fn, activations) -> list[str]:
     """The copy ops (clone, copy_, contiguous, to) that ``fn()`` runs on a tensor with the shape of
-    one of ``activations``, recorded by the profiler (record_shapes). ATen calls from C++ go through
+    one of ``activations`` (tensors or shapes; a weight's copy has another shape and is allowed), recorded by the profiler (record_shapes). ATen calls from C++ go through
     the dispatcher, so the native glue's ``.contiguous()`` shows here as well as Python's.
 
     Under Triton's interpreter the launcher mirrors every argument's storage through 1-d host
     buffers (``aten::copy_`` of ``[numel]``); those have no 4-d shape, so they do not match, and
     an op-level copy of an activation (``.contiguous()``, ``clone``) still does: the check stays
     clean and can still fail there."""
-    shapes = {tuple(a.shape) for a in activations}
+    shapes = {tuple(a.shape if isinstance(a, torch.Tensor) else a) for a in activations}
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     return [f"{e.name}{e.input_shapes}" for e in prof.events()

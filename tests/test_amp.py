@@ -80,6 +80,7 @@ def test_bf16_losses_and_gradients_track_float32(loss):
     assert cos > 0.98, cos
 
 
+@pytest.mark.slow  # autocast on the CPU: minutes on a busy 2-core machine
 @pytest.mark.parametrize("dtype", LOW)
 def test_an_amp_training_step_keeps_weights_and_adam_state_float32(dtype):
     torch.manual_seed(0)
@@ -98,6 +99,7 @@ def test_an_amp_training_step_keeps_weights_and_adam_state_float32(dtype):
     assert (state.scaler_D is not None) == (dtype == torch.float16)
 
 
+@pytest.mark.slow  # autocast on the CPU: minutes on a busy 2-core machine
 def test_fp16_overflow_skips_the_step_and_backs_off_the_scale():
     torch.manual_seed(0)
     state = GANState.create(CFG, torch.device("cpu"), amp_dtype=torch.float16)
@@ -150,6 +152,7 @@ def test_the_loss_scale_grows_after_a_run_of_clean_steps():
     assert float(scaler.scale) == 16.0
 
 
+@pytest.mark.slow  # autocast on the CPU: minutes on a busy 2-core machine
 def test_amp_cli_runs_and_its_checkpoint_resumes_in_float32(tmp_path):
     """An fp16 run (fused Adam, loss scale in the checkpoint) resumes without --amp and vice versa."""
     out = tmp_path / "run"
@@ -164,6 +167,7 @@ def test_amp_cli_runs_and_its_checkpoint_resumes_in_float32(tmp_path):
     assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in final["G"].values())
 
 
+@pytest.mark.slow  # autocast on the CPU: minutes on a busy 2-core machine
 def test_cuda_graphs_flag_on_the_cpu_says_so_and_trains(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(TINY + ["--out", str(out), "--cuda-graphs", "--device", "cpu", "--stop-after-kimg", "0.05"]) == 0

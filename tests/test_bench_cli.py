@@ -23,6 +23,7 @@ def test_configurations_per_device():
     assert bench.kernel_backends("cpu")[0] == "reference"
 
 
+@pytest.mark.slow  # a whole quick benchmark run: most of a busy machine's 8 minutes for this file
 def test_quick_cpu_run_prints_the_table_and_saves_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--device", "cpu", "--quick", "--res", "4,8", "--batch", "4", "--steps", "1", "--warmup", "0",

@@ -1,24 +1,22 @@
-"""conv2d_bias_lrelu in both activation layouts (NCHW and channels-last NHWC), on every backend here.
+"""conv2d_bias_lrelu on channels-last (NHWC) activations, on every backend here.
 
 Each backend (``reference``; ``triton`` under the interpreter; ``cpu``, the C++ composite of ATen's
-conv and the epilogue twins; the CUDA epilogue kernels through the emulator, in
-tests/test_cuda_emulated.py's runner) runs forward and backward on random inputs in both layouts,
-with odd shapes (batch 1, channel counts that are not powers of two, odd H and W), against the
-float64 NCHW reference; the triton and cpu backends must return ``y`` and ``dx`` in ``x``'s
-memory format and ``dw`` in the weight's. Also: the double backward (the gradient penalty's path)
-against the reference's, gradcheck and gradgradcheck in float64 on channels-last inputs, opcheck of
-every custom op on channels-last inputs, and "no hidden copy" of an activation, forward, backward
-and double backward.
+conv and the epilogue twins) runs forward and backward on random NHWC inputs with odd shapes (batch
+1, channel counts that are not powers of two, odd H and W) against an independent float64 formula;
+the triton and cpu backends must return ``y`` and ``dx`` in ``x``'s memory format and ``dw`` in the
+weight's. Also: the double backward (the gradient penalty's path) against the reference's, gradcheck
+and gradgradcheck in float64 on channels-last inputs, opcheck of every custom op on channels-last
+inputs, "no hidden copy" of an activation in both layouts, and every NHWC Triton config. NCHW:
+tests/test_native.py, tests/test_triton_conv_act.py, tests/test_ops.py; the CUDA epilogue kernels
+in both layouts through the emulator: tests/test_cuda_emulated.py.
 """
 
 import importlib
 
 import pytest
 import torch
-from torch.profiler import profile
 
-from layout_checks import cuda_emulated as emulated
-from layout_checks import load_emulator
+from layout_checks import activation_copies, layout
 from progan_fast.ops import _native
 from progan_fast.ops.common import is_channels_last
 
@@ -45,10 +43,6 @@ CASES = {
     "dense_to_4x4": ((2, 6, 1, 1), 5, 3, True, True, True, True),  # 1x1 upsampled: NCHW
 }
 
-def layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return t.contiguous(memory_format=CL) if channels_last else t.contiguous()
-
-
 def expected_format(like: torch.Tensor) -> torch.memory_format:
     return CL if is_channels_last(like) else torch.contiguous_format
 
@@ -71,39 +65,75 @@ def make(case, dtype, channels_last, seed=0):
     return x, w, b, dict(activation=act, upsample=up, pixel_norm=pnorm)
 
 
-def _run(backend, x, w, b, opts, gy, dtype):
+def independent_conv(x, w, b, scale, activation, upsample, pixel_norm, positive=None):
+    """conv2d_bias_lrelu in float64 by another route than ``ca.reference`` (which the backends'
+    results were once checked against with ``ca.reference`` itself on the reference's row): the
+    upsample by repeat_interleave, the convolution as a sum of one channel product per kernel tap on
+    a zero-padded input, leaky-ReLU by torch.where, pixel norm by sqrt. ``positive`` (optional)
+    picks leaky-ReLU's branch per element: a low-precision run whose pre-activation rounds to the
+    other side of 0 is then compared on its own branch (tests/test_native.py does the same)."""
+    x, w = x.double(), w.double() * scale
+    if upsample:
+        x = x.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    n, _, h, wd = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    padded = x.new_zeros(n, x.shape[1], h + 2 * p, wd + 2 * p)
+    padded[:, :, p:p + h, p:p + wd] = x
+    y = sum(torch.einsum("nchw,oc->nohw", padded[:, :, i:i + h, j:j + wd], w[:, :, i, j])
+            for i in range(k) for j in range(k))
+    if b is not None:
+        y = y + b.double().view(1, -1, 1, 1)
+    if activation:
+        y = torch.where(y > 0 if positive is None else positive, y, y * 0.2)
+    if pixel_norm:
+        y = y / (y * y).mean(dim=1, keepdim=True).add(1e-8).sqrt()
+    return y
+
+
+def _run(backend, x, w, b, opts, gy, dtype, positive=None):
     """``(y, dx, dw, db)`` of one backend in ``dtype`` for the output gradient ``gy``."""
     leaves = [t.to(dtype).clone(memory_format=torch.preserve_format).requires_grad_()
               for t in (x, w) + ((b,) if b is not None else ())]
-    fn = ca.reference if backend == "float64-reference" else ca.IMPLEMENTATIONS[backend]
-    y = fn(leaves[0], leaves[1], leaves[2] if b is not None else None, 0.3, **opts)
-    y.backward(layout(gy, is_channels_last(y)).to(dtype))
+    if backend == "independent":
+        y = independent_conv(leaves[0], leaves[1], leaves[2] if b is not None else None, 0.3, **opts,
+                             positive=positive)
+    else:
+        y = ca.IMPLEMENTATIONS[backend](leaves[0], leaves[1], leaves[2] if b is not None else None, 0.3, **opts)
+    y.backward(layout(gy, is_channels_last(y)).to(y.dtype))
     return [y] + [t.grad for t in leaves] + ([None] if b is None else [])
 
 
+# NCHW rows are not here: tests/test_native.py (cpu), tests/test_triton_conv_act.py (triton) and
+# tests/test_ops.py (reference) check them. bf16 runs the same kernels with other loads and stores.
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False), (torch.float32, True),
-                                                 (torch.bfloat16, True)], ids=["fp32-nchw", "fp32-nhwc", "bf16-nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_and_backward_keep_the_layout(name, channels_last, dtype, backend):
-    """fp32 against the float64 NCHW reference; bf16 NHWC against the same backend's bf16 NCHW run
-    (in bf16 the native conv output is rounded before its bias and activation, so a pre-activation
-    near 0 can take the other leaky-ReLU slope than in float64: a property of bf16, not of the layout)."""
-    x, w, b, opts = make(CASES[name], torch.float32, channels_last)
+def test_forward_and_backward_keep_the_layout(name, dtype, backend):
+    """NHWC in ``dtype`` against an independent float64 formula on the same (rounded) inputs,
+    leaky-ReLU's branch taken from the backend's output (in bf16 the native conv output is rounded
+    before its bias and activation, so a pre-activation near 0 can take the other slope than in
+    float64): none may differ in fp32, at most 2% in bf16."""
+    x, w, b, opts = make(CASES[name], dtype, True)
     n, cout = x.shape[0], w.shape[0]
     oh, ow = (2 * x.shape[2], 2 * x.shape[3]) if opts["upsample"] else x.shape[2:]
-    gy = torch.randn(n, cout, oh, ow, generator=torch.Generator().manual_seed(1))
+    gy = torch.randn(n, cout, oh, ow, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = _run(backend, x, w, b, opts, gy, dtype)
-    if dtype == torch.float64 or dtype == torch.float32:
-        want = _run("float64-reference", x.contiguous(), w, b, opts, gy, torch.float64)
-    else:
-        want = [t.double() if t is not None else None for t in _run(backend, x.contiguous(), w, b, opts, gy, dtype)]
+    positive = got[0].detach().double() > 0
+    want = _run("independent", x.contiguous(), w, b, opts, gy, torch.float64, positive)
+    if opts["activation"]:
+        plain = independent_conv(x, w, b, 0.3, opts["activation"], opts["upsample"], False)
+        other_side = (positive != (plain > 0)).double().mean().item()
+        assert other_side <= (0.02 if dtype == torch.bfloat16 else 0.0), f"{other_side:.1%} of the slopes differ"
     tol = TOL[dtype]
     for what, t, r in zip(("y", "dx", "dw", "db"), got, want):
         if r is None:
             continue
         assert t.dtype == dtype and t.shape == r.shape
-        assert _rel_err(t, r) <= (1 if what == "y" else 2) * tol, (what, _rel_err(t, r))
+        # gradients are sums: twice the output's tolerance, three times in bf16, where eager's
+        # bias gradient sums in bf16 (0.042 seen for dense_to_4x4's, on the reference)
+        grad_scale = 3 if dtype == torch.bfloat16 else 2
+        assert _rel_err(t, r) <= (1 if what == "y" else grad_scale) * tol, (what, _rel_err(t, r))
     y, dx, dw = got[:3]
     assert_layout(y, x, "y")
     assert_layout(dx, x, "dx")
@@ -143,6 +173,7 @@ GRAD_CASES = {  # float64, channels-last x: (x shape, Cout, k, upsample, pixel_n
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_gradcheck_and_gradgradcheck_on_channels_last(name, backend):
@@ -177,6 +208,7 @@ def _conv_ops():
     return ops
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,k", _conv_ops(), ids=[o[0] for o in _conv_ops()])
 @pytest.mark.parametrize("case", list(OPCHECK_CASES))
 def test_opcheck_on_channels_last(case, name, k):
@@ -206,23 +238,6 @@ def test_opcheck_native_epilogue_on_channels_last(activation, pixel_norm):
                               (torch.randn(2, 5, 3, 7).contiguous(memory_format=CL), y, r, activation, pixel_norm))
 
 
-COPY_OPS = {"aten::clone", "aten::copy_", "aten::contiguous", "aten::_to_copy", "aten::to"}
-
-
-def copies_of(shapes, fn) -> list[str]:
-    """The copy ops ``fn`` runs on a tensor of one of ``shapes`` (by the profiler's recorded input
-    shapes). Weight copies have other shapes and are allowed.
-
-    Under Triton's interpreter each kernel launch copies its arguments to and from host buffers as
-    flat 1-d byte tensors, which this does not count (they are not of a 4-d activation shape): so
-    the check is clean for the triton backend too, and sees every copy the op's own Python makes."""
-    shapes = [list(s) for s in shapes]
-    with profile(record_shapes=True) as prof:
-        fn()
-    return [f"{e.name}{e.input_shapes}" for e in prof.events()
-            if e.name in COPY_OPS and any(list(s) in shapes for s in e.input_shapes)]
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", ["3x3_b1", "up_pn", "up_nobias"])
@@ -236,35 +251,21 @@ def test_no_hidden_copy(name, channels_last, backend):
     def forward_backward():
         ca.conv2d_bias_lrelu(x, w, b, 0.3, **opts, backend=backend).backward(dy)
 
-    assert copies_of(activations, forward_backward) == []
+    assert activation_copies(forward_backward, activations) == []
 
     def double_backward():  # the gradient penalty's path: d/dw of ||d <y, dy> / dx||^2 (no pixel norm there)
         y = ca.conv2d_bias_lrelu(x, w, b, 0.3, opts["activation"], opts["upsample"], False, backend=backend)
         (gx,) = torch.autograd.grad((y * dy).sum(), x, create_graph=True)
         (gx * gx).sum().backward()  # not square(): pow converts its input (a copy of the test's own)
 
-    assert copies_of(activations, double_backward) == []
+    assert activation_copies(double_backward, activations) == []
     # The check can fail: an input in neither layout is copied to NCHW, and that copy is seen.
     odd = x.detach().transpose(2, 3).contiguous().transpose(2, 3)
-    assert copies_of([odd.shape], lambda: ca.conv2d_bias_lrelu(odd, w, b, 0.3, **opts, backend=backend)) != []
+    assert activation_copies(lambda: ca.conv2d_bias_lrelu(odd, w, b, 0.3, **opts, backend=backend), [odd.shape]) != []
 
 
-# ----- the CUDA epilogue kernels through the emulator (tests/test_cuda_emulated.py's runner) -------
-
-@pytest.fixture(scope="module")
-def emu():
-    e = load_emulator()
-    yield e
-    e.configure()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("activation,pixel_norm", [(True, True), (True, False), (False, True), (False, False)],
-                         ids=["act-pn", "act", "pn", "linear"])
-def test_cuda_epilogue_emulated(emu, activation, pixel_norm, channels_last, dtype):
-    emu.configure(seed=5, max_grid_blocks=1)  # every grid-stride loop makes several passes
-    emulated.run_conv_epilogue(emu, (2, 37, 3, 5), dtype, activation, pixel_norm, channels_last=channels_last)
+# The CUDA epilogue kernels in NHWC through the emulator: tests/test_cuda_emulated.py
+# (test_conv_epilogue_channels_last), which kernels/emulation/mutants.py runs.
 
 
 # ----- the Triton kernels' GPU configs in NHWC (as tests/test_triton_conv_act.py does for NCHW) ---
@@ -283,11 +284,12 @@ else:
 
 
 # The NCHW file's config ids and its fixture that makes the launcher take its GPU path on CPU tensors.
-from test_triton_conv_act import _config_id, gpu_launch_path  # noqa: E402, F401 (a fixture)
+from test_triton_conv_act import _config_id, gpu_launch_path, interpreter_distinct  # noqa: E402, F401 (a fixture)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
-@pytest.mark.parametrize("entry", _ALL_CONV_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("entry", interpreter_distinct(_ALL_CONV_CONFIGS), ids=_config_id)
 def test_every_forward_config_on_channels_last(entry, gpu_launch_path):
     """Every NHWC config, NHWC in and out. CPU tensors launch the fp32 "ieee" or the fp64 product,
     so the TF32 and tensor-core configs' tiling runs through the "ieee" kernel (their dot only
@@ -317,6 +319,7 @@ def test_every_forward_config_on_channels_last(entry, gpu_launch_path):
     assert _rel_err(y, want) <= (1e-12 if dtype == torch.float64 else 2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's view of the GPU path")
 @pytest.mark.parametrize("cfg", tca._ACT_BWD_CONFIGS_CL if _ALL_CONV_CONFIGS else [], ids=lambda c: str(c.kwargs))
 def test_every_backward_config_on_channels_last(cfg, gpu_launch_path):

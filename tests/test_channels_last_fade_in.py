@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from layout_checks import (EMU_DTYPES, TOL, activation_copies, assert_in_layout_of, assert_layout, backends,
                                  configure, emu_buffer, emu_check, emu_output, emu_read, emulator, layout_id,
-                                 load_emulator, randn)
+                                 randn)
 
 from progan_fast.ops import _native
 from progan_fast.ops import triton as triton_backend
@@ -23,6 +23,10 @@ fi = importlib.import_module("progan_fast.ops.fade_in")
 # (dense in both layouts, so NCHW).
 LOW_SHAPES = [(1, 3, 2, 3), (2, 5, 3, 7), (1, 12, 4, 4), (2, 1, 3, 3)]
 LAYOUTS = [pytest.param(cl, id=layout_id(cl)) for cl in (False, True)]
+# NHWC only: the NCHW rows are tests/test_ops.py's (reference), tests/test_triton_fade_in.py's
+# (triton) and tests/test_native.py's (cpu); bf16 (other loads and stores) in the slow tier.
+NHWC = [pytest.param(True, id="nhwc")]
+DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)]
 _ID = lambda s: "x".join(map(str, s))  # noqa: E731
 
 
@@ -39,9 +43,9 @@ def _check_alpha_grad(got, want, dtype):
     torch.testing.assert_close(got.double().cpu(), want, rtol=TOL[dtype]["rtol"] * 10, atol=TOL[dtype]["atol"] * 10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LOW_SHAPES, ids=_ID)
-@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("channels_last", NHWC)
 @pytest.mark.parametrize("backend", backends())
 def test_fade_in_forward_and_backward_keep_the_layout(backend, channels_last, shape, dtype):
     name, device = backend
@@ -65,9 +69,9 @@ def test_fade_in_forward_and_backward_keep_the_layout(backend, channels_last, sh
     _check_alpha_grad(d_alpha, w_alpha, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 3, 4, 6), (2, 5, 6, 10), (1, 12, 2, 2)], ids=_ID)
-@pytest.mark.parametrize("channels_last", LAYOUTS)
+@pytest.mark.parametrize("channels_last", NHWC)
 @pytest.mark.parametrize("backend", backends())
 def test_fade_reals_forward_and_backward_keep_the_layout(backend, channels_last, shape, dtype):
     name, device = backend
@@ -124,6 +128,7 @@ def test_double_backward_keeps_the_layout(backend, channels_last):
     torch.testing.assert_close(gg.cpu(), fi.fade_reals_reference(v.cpu().contiguous(), 0.3), **TOL[torch.float64])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", backends())
 def test_gradcheck_and_gradgradcheck_on_channels_last(backend):
     name, device = backend
@@ -156,6 +161,7 @@ def _opcheck_samples():
         [pytest.param(k.fade_reals, (high, a_grad), id=f"{n}-fade_reals") for n, k in ops]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op,args", _opcheck_samples())
 def test_opcheck_on_channels_last(op, args):
     torch.library.opcheck(op, args)  # fake and real outputs agree, strides included
@@ -190,13 +196,6 @@ def test_the_copy_detector_sees_the_copy_of_high_in_another_layout(name):
 
 
 # ----- the CUDA kernels, NHWC instantiation, through the emulator -------------------------------
-
-@pytest.fixture(scope="module")
-def emu():
-    e = load_emulator()
-    yield e
-    e.configure()
-
 
 @pytest.mark.parametrize("dtype", EMU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape,cap", [((1, 3, 2, 3), None), ((2, 5, 3, 7), None), ((2, 13, 5, 6), 1)],

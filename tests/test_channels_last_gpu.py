@@ -15,22 +15,36 @@ import torch
 from progan_fast import ops
 from progan_fast.ops.common import is_channels_last
 
-pytestmark = pytest.mark.cuda
-
 CL = torch.channels_last
 # |got - reference| / max |reference| per element, against the float64 reference on the same
-# (rounded) inputs. fp32 (exact convs: the suite's conftest sets that policy): every element. bf16:
-# most elements; a few may take the other leaky-ReLU slope where a bf16-rounded pre-activation
-# crosses zero, so their gradients differ by a slope's worth, which the bound on all allows.
-TOL = {torch.float32: dict(most=5e-5, share=1.0, all=5e-5), torch.bfloat16: dict(most=5e-2, share=0.99, all=0.5)}
+# (rounded) inputs. fp32 (exact convs: the suite's conftest sets that policy): every element within
+# 5e-5. bf16: every element within 5e-2, except in the convs with leaky-ReLU: there a few elements
+# may take the other slope where a bf16-rounded pre-activation crosses zero, so their gradients
+# differ by a slope's worth: 1% of the elements are free up to 0.5. Pixel norm, minibatch stddev,
+# the fades, blend and downsample have no slope to flip, so they get no such allowance.
+TOL = {torch.float32: 5e-5, torch.bfloat16: 5e-2}
+SLOPE_FLIPS = {torch.float32: dict(share=1.0, all=5e-5), torch.bfloat16: dict(share=0.99, all=0.5)}
 
 
-def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def _check(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str, slope_flips: bool = False) -> None:
     err = (got.double() - want).abs() / want.abs().max().clamp_min(1e-12)
-    tol = TOL[dtype]
-    within = (err <= tol["most"]).double().mean().item()
-    assert within >= tol["share"] and err.max().item() <= tol["all"], \
-        f"{what}: {within:.2%} of elements within {tol['most']}, worst {err.max().item():.3g}"
+    most = TOL[dtype]
+    share, bound = (SLOPE_FLIPS[dtype]["share"], SLOPE_FLIPS[dtype]["all"]) if slope_flips else (1.0, most)
+    within = (err <= most).double().mean().item()
+    assert within >= share and err.max().item() <= bound, \
+        f"{what}: {within:.2%} of elements within {most}, worst {err.max().item():.3g}"
+
+
+def test_only_the_convs_may_have_elements_off_by_a_slope():
+    """The check itself, on the CPU: one element in 200 off by 0.3 of the largest (as a gradient that
+    took the other slope can be) passes for a conv and fails for every other op (as a bf16 pixel norm
+    with a bug in 0.5% of its pixels would)."""
+    want = torch.randn(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = want.clone()
+    got[::200] += 0.3 * want.abs().max()
+    _check(got, want, torch.bfloat16, "conv", slope_flips=True)
+    with pytest.raises(AssertionError, match="99.50% of elements within 0.05"):
+        _check(got, want, torch.bfloat16, "pixel_norm")
 
 
 def _cases():
@@ -67,6 +81,7 @@ def _available(backend: str) -> bool:
     return all(backend in table for table in ops.all_op_implementations().values())
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name,make,shapes", CASES, ids=[c[0] for c in CASES])
@@ -86,7 +101,8 @@ def test_every_op_in_nhwc_on_the_gpu(name, make, shapes, backend, dtype):
     ref_out = make("reference")(*ref_inputs)
     ref_out.backward(grad.to("cuda", dtype).double())
 
-    _check(out, ref_out, dtype, f"{name} output")
+    slope_flips = name.startswith("conv")  # the cases whose op has a leaky-ReLU
+    _check(out, ref_out, dtype, f"{name} output", slope_flips)
     for i, (t, r) in enumerate(zip(inputs, ref_inputs)):
         assert is_channels_last(t.grad), f"{name}: grad of input {i} strides {t.grad.stride()}"
-        _check(t.grad, r.grad, dtype, f"{name}: grad of input {i}")
+        _check(t.grad, r.grad, dtype, f"{name}: grad of input {i}", slope_flips)

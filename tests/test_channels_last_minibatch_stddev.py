@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import layout_checks
+from layout_checks import activation_copies
 from progan_fast.ops import _native
 from progan_fast.ops import triton as triton_backend
 from progan_fast.ops.common import is_channels_last
@@ -83,20 +84,26 @@ def _inputs(shape, dtype, seed):
 
 
 def _reference64(x64, grad64, group_size):
-    """Forward and input gradient of the NCHW float64 reference."""
+    """Forward and input gradient in float64 by tests/test_ops.py's loop over the groups (not
+    ``mb.reference``, whose own row would otherwise check it against itself)."""
+    from test_ops import mbstd_by_hand  # eps 1e-8, as EPS here
+
     xr = x64.contiguous().requires_grad_()
-    y = mb.reference(xr, group_size, EPS)
+    y = mbstd_by_hand(xr, group_size)
     (dx,) = torch.autograd.grad(y, xr, grad64.contiguous())
     return y.detach(), dx
 
 
-# ----- forward and backward against the float64 NCHW reference, both layouts ----------------------
+# ----- forward and backward against the float64 NCHW reference ----------------------------------------
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+# NHWC only (NCHW: tests/test_ops.py, tests/test_triton_minibatch_stddev.py, tests/test_native.py);
+# float64 and bf16 in the slow tier.
+@pytest.mark.parametrize("channels_last", [True], ids=["nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow),
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=str)
 @pytest.mark.parametrize("shape,group_size", SHAPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_forward_and_backward_in_both_layouts(backend, shape, group_size, dtype, channels_last):
+def test_forward_and_backward_on_channels_last(backend, shape, group_size, dtype, channels_last):
     x64, grad64 = _inputs(shape, dtype, zlib.crc32(repr((shape, group_size)).encode()))
     y_ref, dx_ref = _reference64(x64, grad64, group_size)
     x = _layout(x64.to(dtype), channels_last).requires_grad_()
@@ -139,14 +146,6 @@ def _ops(backend):
 
 # ----- the CUDA kernels, through the emulator -----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cuda_emulated():
-    """(emulator, the NCHW test file's module): its run_minibatch_stddev takes channels_last."""
-    emu = layout_checks.load_emulator()
-    yield emu, layout_checks.cuda_emulated
-    emu.configure()
-
-
 EMU_SHAPES = [
     pytest.param((1, 3, 5, 7), 4, None, id="n1-c3-5x7"),
     pytest.param((6, 5, 3, 3), 4, None, id="n6-g3-c5-3x3"),
@@ -158,15 +157,15 @@ EMU_SHAPES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape,group_size,cap", EMU_SHAPES)
-def test_cuda_kernels_emulated_nhwc(cuda_emulated, request, shape, group_size, cap, dtype):
-    emu, module = cuda_emulated
+def test_cuda_kernels_emulated_nhwc(emu, request, shape, group_size, cap, dtype):
+    module = layout_checks.cuda_emulated
     emu.configure(seed=zlib.crc32(request.node.name.encode()), max_grid_blocks=cap or 65535 * 8)
     module.run_minibatch_stddev(emu, shape, group_size, dtype, channels_last=True)
 
 
 @pytest.mark.parametrize("placement", ["end", "start"])
-def test_cuda_kernels_emulated_nhwc_against_guard_pages(cuda_emulated, placement):
-    emu, module = cuda_emulated
+def test_cuda_kernels_emulated_nhwc_against_guard_pages(emu, placement):
+    module = layout_checks.cuda_emulated
     emu.configure(seed=7, max_grid_blocks=2)
     module.run_minibatch_stddev(emu, (4, 3, 5, 7), 2, torch.float32, placement, channels_last=True)
 
@@ -185,6 +184,7 @@ GRAD_CASES = [pytest.param((3, 2, 1, 2), 4, False, id="n3-g3-full"),
               pytest.param((6, 2, 2, 2), 4, True, id="n6-g3-fast")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,group_size,fast", GRAD_CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_channels_last(backend, shape, group_size, fast):
@@ -192,6 +192,7 @@ def test_gradcheck_channels_last(backend, shape, group_size, fast):
     assert torch.autograd.gradcheck(fn, (_cl64(*shape),), fast_mode=fast)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,group_size,fast", GRAD_CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradgradcheck_channels_last(backend, shape, group_size, fast):
@@ -223,6 +224,7 @@ def test_gradient_penalty_double_backward_channels_last(backend):
 
 # ----- opcheck on channels-last inputs (fake and real strides agree, autograd registration) ---------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
 def test_opcheck_channels_last(backend):
     k = _ops(backend)
@@ -241,36 +243,20 @@ def test_opcheck_channels_last(backend):
 
 # ----- no hidden copy of an activation -------------------------------------------------------------
 
-_COPY_OPS = {"aten::clone", "aten::copy_", "aten::contiguous", "aten::_to_copy", "aten::to"}
-
-
-def _activation_copies(fn, shapes) -> list[str]:
-    """The copy ops ``fn`` runs (profiler, record_shapes) on a tensor of one of ``shapes``.
-
-    Under the Triton interpreter every launch copies each argument's whole storage back
-    (``arg_dev.copy_(arg_hst)`` in triton/runtime/interpreter.py): those are 1-d byte copies, which
-    never have an activation's 4-d shape, so the check stays clean for the Triton backend too."""
-    shapes = [list(s) for s in shapes]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        fn()
-    return [f"{e.name} {e.input_shapes}" for e in prof.events()
-            if e.name in _COPY_OPS and any(s in shapes for s in e.input_shapes)]
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
 def test_no_hidden_copy_of_an_activation(backend):
     k = _ops(backend)
     x = torch.randn(4, 3, 5, 7).contiguous(memory_format=CL)
     grad = torch.randn(4, 4, 5, 7).contiguous(memory_format=CL)
     shapes = [x.shape, grad.shape]
-    assert _activation_copies(lambda: k.minibatch_stddev(x, 2, EPS), shapes) == []
-    assert _activation_copies(lambda: k.minibatch_stddev_backward(grad, x, 2, EPS), shapes) == []
+    assert activation_copies(lambda: k.minibatch_stddev(x, 2, EPS), shapes) == []
+    assert activation_copies(lambda: k.minibatch_stddev_backward(grad, x, 2, EPS), shapes) == []
     # Through autograd too (forward and backward, as training runs it).
     xg = x.clone().requires_grad_()
-    assert _activation_copies(lambda: torch.autograd.grad(IMPLS[backend](xg, 2), xg, grad), shapes) == []
+    assert activation_copies(lambda: torch.autograd.grad(IMPLS[backend](xg, 2), xg, grad), shapes) == []
     # NCHW is copy-free as before.
     xn, gn = x.contiguous(), grad.contiguous()
-    assert _activation_copies(lambda: k.minibatch_stddev_backward(gn, xn, 2, EPS), shapes) == []
+    assert activation_copies(lambda: k.minibatch_stddev_backward(gn, xn, 2, EPS), shapes) == []
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
@@ -280,16 +266,16 @@ def test_copy_detector_sees_copies(backend):
     x = torch.randn(4, 3, 5, 7).contiguous(memory_format=CL)
     grad = torch.randn(4, 4, 5, 7)  # NCHW for an NHWC x
     shapes = [x.shape, grad.shape]
-    assert _activation_copies(lambda: k.minibatch_stddev(x.transpose(2, 3).transpose(2, 3)[:, :, :, :], 2, EPS),
+    assert activation_copies(lambda: k.minibatch_stddev(x.transpose(2, 3).transpose(2, 3)[:, :, :, :], 2, EPS),
                               shapes) == []  # still NHWC: no copy
-    assert _activation_copies(lambda: k.minibatch_stddev(x.permute(0, 1, 3, 2), 2, EPS), [(4, 3, 7, 5)])
-    assert _activation_copies(lambda: k.minibatch_stddev_backward(grad, x, 2, EPS), shapes)
+    assert activation_copies(lambda: k.minibatch_stddev(x.permute(0, 1, 3, 2), 2, EPS), [(4, 3, 7, 5)])
+    assert activation_copies(lambda: k.minibatch_stddev_backward(grad, x, 2, EPS), shapes)
 
 
-def test_cuda_launchers_refuse_nhwc_samples_of_2_pow_32_features(cuda_emulated):
+def test_cuda_launchers_refuse_nhwc_samples_of_2_pow_32_features(emu):
     """The NHWC kernels divide feature indices in 32 bits: a larger sample is an error, not garbage
     (checked before any memory is touched, so no buffers are needed)."""
-    emu, module = cuda_emulated
+    module = layout_checks.cuda_emulated
     emu.configure(seed=1)
     code, f = emu.dtype_code(torch.float32), 2**32
     for launcher, args in [("minibatch_stddev_forward", (None, None, None)),

@@ -187,9 +187,17 @@ def test_conditional_run_resumes_bit_identically_and_samples_by_class(tmp_path, 
 
     out = tmp_path / "all.png"
     assert generate.main([str(tmp_path / "whole"), "--n", "3", "--out", str(out), "--device", "cpu"]) == 0
-    assert Image.open(out).size[1] < Image.open(out).size[0]  # two rows (classes) of three
-    assert generate.main([str(tmp_path / "whole"), "--class", "red", "--n", "4", "--out", str(tmp_path / "r.png"),
-                          "--device", "cpu"]) == 0
+    # two rows (classes) of three 8x8 images, each enlarged to a 64-pixel tile: (width, height)
+    assert Image.open(out).size == (3 * 64, 2 * 64)
+    capsys.readouterr()
+    for klass, name in (("red", "r"), ("1", "r1"), ("blue", "b")):
+        assert generate.main([str(tmp_path / "whole"), "--class", klass, "--n", "4", "--out",
+                              str(tmp_path / f"{name}.png"), "--device", "cpu"]) == 0
+        assert f"wrote {tmp_path / f'{name}.png'} (4 images" in capsys.readouterr().err
+    assert Image.open(tmp_path / "r.png").size == (2 * 64, 2 * 64)  # 4 images of one class: square-ish
+    # a class by name is that class by number (same seed, same latents), and another class draws otherwise
+    red, red1, blue = (Image.open(tmp_path / f"{n}.png").tobytes() for n in ("r", "r1", "b"))
+    assert red == red1 and red != blue
     assert generate.main([str(tmp_path / "whole"), "--class", "7", "--out", str(tmp_path / "x.png"),
                           "--device", "cpu"]) == 2
     assert "not a class of this run" in capsys.readouterr().err
@@ -213,6 +221,8 @@ def test_bad_conditional_setups_exit_2_with_one_message(tmp_path, capsys):
                           "cpu"]) == 2
     assert "not from a class-conditional run" in capsys.readouterr().err
     assert train.main(TINY + ["--data", str(data), "--cond", "--cond-weight", "-1", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --cond-weight must be a non-negative number, not -1" in err and "Traceback" not in err, err
 
 
 def test_two_ranks_train_a_conditional_run_like_one_process(tmp_path):
@@ -233,9 +243,22 @@ def test_conditional_amp_run_with_a_native_backend(tmp_path, backend):
     if _native.ops is None:
         pytest.skip("the native library did not load")
     data = class_folder(tmp_path / "data")
-    assert train.main(TINY + ["--data", str(data), "--cond", "--amp", "--backend", backend, "--out",
-                              str(tmp_path / "run"), "--stop-after-kimg", "0.064"]) == 0
-    assert all(torch.isfinite(t).all() for t in final_state(tmp_path / "run")["G"].values())
+    for name, amp in (("amp", ["--amp"]), ("fp32", [])):
+        assert train.main(TINY + ["--data", str(data), "--cond", *amp, "--backend", backend, "--out",
+                                  str(tmp_path / name), "--stop-after-kimg", "0.064"]) == 0
+    amp, fp32 = final_state(tmp_path / "amp"), final_state(tmp_path / "fp32")
+    # bf16 autocast trains what the fp32 run trains (8 steps: weights within 0.02, seen 0.005; the
+    # class head included), and it did run in bf16 (the weights are not the fp32 run's bit for bit).
+    differs = False
+    for net in ("G", "D"):
+        for k, want in fp32[net].items():
+            got = amp[net][k]
+            assert torch.isfinite(got).all(), f"{net}.{k}"
+            torch.testing.assert_close(got, want, rtol=0, atol=0.02, msg=lambda m: f"{net}.{k}: {m}")
+            differs |= not torch.equal(got, want)
+    assert differs, "the --amp run computed exactly what the fp32 run did: autocast was not on"
+    records = [json.loads(line) for line in (tmp_path / "amp" / "log.jsonl").read_text().splitlines()]
+    assert [r["D_label_accuracy"] for r in records if "D_loss" in r], "no class terms logged"
 
 
 @pytest.mark.cuda

@@ -48,7 +48,8 @@ def _id(v):
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32] + [pytest.param(d, marks=pytest.mark.slow)  # fp32 fast, others slow
+                                   for d in (torch.bfloat16, torch.float16)], ids=str)
 @pytest.mark.parametrize("shape,group_size", SHAPES, ids=_id)
 def test_forward_and_backward_match_reference(shape, group_size, dtype):
     gen = torch.Generator().manual_seed(hash((shape, group_size)) % 2**31)

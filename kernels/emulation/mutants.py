@@ -1,13 +1,15 @@
-"""Mutation check of the emulated CUDA tests: every planted bug must make tests/test_cuda_emulated.py fail.
+"""Mutation check of the emulated CUDA tests: every planted bug must make an emulated test fail.
 
     python kernels/emulation/mutants.py [--jobs 2] [--list]
 
-The mutants are every way of breaking synchronization or bounds in kernels/cuda's device code:
-each ``__syncthreads()`` removed, and each ``<`` comparison of device code (a loop bound, a mask,
-a lane or row check) loosened to ``<=``, one at a time. For each, the emulation library is rebuilt
-with that one change and the emulated tests run against it; a mutant the tests pass "survives".
-Exit status 1 if any survives (listed with its file and line), 0 otherwise. CI runs this
-(``.ci/run``); it takes a few minutes, so it is not part of the test command.
+The mutants are every way of breaking synchronization, bounds or the NHWC layout in kernels/cuda's
+device code: each ``__syncthreads()`` removed, each ``<`` comparison of device code (a loop bound,
+a mask, a lane or row check) loosened to ``<=``, and each layout choice ``CL ? nhwc : nchw`` (or
+``channels_last ? ...``) made to take its NCHW value in NHWC too, one at a time. For each, the
+emulation library is rebuilt with that one change and the emulated tests run against it: the whole
+of tests/test_cuda_emulated.py and the channels-last files' NHWC kernel tests (EMULATED_TESTS); a
+mutant the tests pass "survives". Exit status 1 if any survives (listed with its file and line), 0
+otherwise. CI runs this (``.ci/run``); it takes a few minutes, so it is not part of the test command.
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ CUDA = ROOT / "kernels" / "cuda"
 sys.path.insert(0, str(HERE))
 import build as emulation_build  # noqa: E402  (this directory's build.py)
 
+#: The tests run against each mutant: every emulated kernel test, NCHW and NHWC. The channels-last
+#: files hold the NHWC tests of fade_in, fade_reals, blend, downsample2x and minibatch_stddev
+#: (tests/test_cuda_emulated.py has pixel norm's and the conv epilogue's); they run first, as they
+#: take a second or two and pytest stops at the first failure (-x).
+EMULATED_TESTS = [
+    "tests/test_channels_last_fade_in.py::test_cuda_kernels_on_nhwc_through_the_emulator",
+    "tests/test_channels_last_blend.py::test_cuda_kernels_on_nhwc_through_the_emulator",
+    "tests/test_channels_last_downsample2x.py::test_cuda_kernels_on_nhwc_through_the_emulator",
+    "tests/test_channels_last_minibatch_stddev.py::test_cuda_kernels_emulated_nhwc",
+    "tests/test_channels_last_minibatch_stddev.py::test_cuda_kernels_emulated_nhwc_against_guard_pages",
+    "tests/test_cuda_emulated.py",
+]
+
+#: A layout choice in device code, ``CL ? <NHWC value> : <NCHW value>`` (one line, no nesting).
+LAYOUT_CHOICE = re.compile(r"\b(?:CL|channels_last) \? (?P<nhwc>[^:;?]+?) : (?P<nchw>[^;,?\]]+?)(?=[;,\]])")
+
 
 @dataclass(frozen=True)
 class Mutant:
@@ -42,7 +60,12 @@ class Mutant:
         return self.path.read_text()[: self.offset].count("\n") + 1
 
     def describe(self) -> str:
-        what = "removed __syncthreads()" if self.new == "" else f"'{self.old.strip()}' -> '{self.new.strip()}'"
+        if self.new == "":
+            what = "removed __syncthreads()"
+        elif self.old == " < ":
+            what = "'<' -> '<='"
+        else:
+            what = f"NHWC takes the NCHW value: '{self.old}' -> '{self.new}'"
         return f"{self.path.relative_to(ROOT)}:{self.line}: {what}"
 
     def apply(self) -> str:
@@ -74,6 +97,8 @@ def find_mutants() -> list[Mutant]:
         for start, end in device_code_spans(text):
             for m in re.finditer(r" < ", text[start:end]):
                 mutants.append(Mutant(path, start + m.start(), " < ", " <= "))
+            for m in LAYOUT_CHOICE.finditer(text[start:end]):
+                mutants.append(Mutant(path, start + m.start("nhwc"), m.group("nhwc"), m.group("nchw")))
     return sorted(set(mutants), key=lambda x: (str(x.path), x.offset))
 
 
@@ -85,12 +110,13 @@ def run_one(mutant: Mutant, workdir: Path, timeout: float) -> tuple[Mutant, str]
     except emulation_build.EmulationBuildError as e:
         return mutant, f"build failed: {str(e).splitlines()[-1]}"
     env = dict(os.environ, PROGAN_CUDA_EMULATION_LIBRARY=str(library))
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           str(ROOT / "tests" / "test_cuda_emulated.py")]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *EMULATED_TESTS]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return mutant, "killed (timed out: the tests hang on it)"
+    if proc.returncode not in (0, 1):  # 1: a test failed; anything else (no such test, usage) kills nothing
+        return mutant, f"error: pytest exit status {proc.returncode}: {proc.stdout.strip().splitlines()[-1:]}"
     return mutant, "survived" if proc.returncode == 0 else "killed"
 
 
