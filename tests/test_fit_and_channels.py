@@ -129,7 +129,7 @@ def test_a_cache_built_one_way_is_never_read_the_other_way(tmp_path):
     # A crop file placed where the pad cache is looked for (as if the keys collided) is not used either.
     (pad_file,) = cache.glob("*.pt")
     assert pad_file != crop_file
-    pyramid_file.write(pad_file, crop, image_folder._CACHE_FORMAT)
+    pyramid_file.write(pad_file, crop, image_folder._CACHE_FORMAT, "a planted cache")
     again = load(fit="pad")
     assert not again.from_cache and torch.equal(again.at(16), pad.at(16))
     gray = load(fit="pad", channels=1)
