@@ -324,6 +324,8 @@ class Trainer:
             if level_res != phase.res:
                 level_res, device_images = phase.res, self._device_images(phase.res)
             if iteration_phase != self.phase_index:
+                if graphs is not None:  # the old phase's graph and its pool go before the step check runs
+                    graphs.release()
                 if self.step == 0:
                     self.state.reset_optimizers(phase.lr)
                 self.state.wrap_data_parallel(self.world, self.device, phase.res, phase.fading)
