@@ -1,7 +1,8 @@
 """What the command lines share: the errors they report, and ``--device``.
 
 A CLI prints such an error as one line ``PROG: error: MESSAGE``, with no traceback:
-:class:`UsageError` (every CLI, exit code 2) and :class:`TrainingDiverged` (``train``, exit code 1).
+:class:`UsageError` (every CLI, exit code 2), :class:`TrainingDiverged` and :class:`StepOutOfMemory`
+(``train``, exit code 1).
 They live down here, below the trainer, the run folder and the settings that raise them, so that
 raising one never means importing a CLI.
 """
@@ -19,6 +20,16 @@ class UsageError(Exception):
 
 class TrainingDiverged(Exception):
     """Losses became non-finite; nothing non-finite was checkpointed (exit code 1)."""
+
+
+class StepOutOfMemory(Exception):
+    """The device ran out of memory in a training step; the checkpoints already written are intact
+    (exit code 1). ``str(e)`` names the phase and the ``--batch`` that continues with less."""
+
+
+#: What PyTorch raises when an allocation fails on the device (``torch.cuda.OutOfMemoryError`` is
+#: the same class; ``torch.OutOfMemoryError`` from torch 2.5 on).
+DEVICE_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def resolve_device(name: str, world: distributed.World = distributed.SINGLE) -> torch.device:

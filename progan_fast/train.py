@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import augment, distributed, ops
 from .checkpoint import CheckpointError
-from .cli import TrainingDiverged, UsageError, resolve_device
+from .cli import StepOutOfMemory, TrainingDiverged, UsageError, resolve_device
 from .config import PRESETS, RunOptions, TrainConfig
 from .data import DataError
 from .image_folder import FITS
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, CheckpointError, distributed.DistributedError) as e:
         _error(world, e)
         code = 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, StepOutOfMemory) as e:
         _error(world, e)
         code = 1
     except OSError as e:  # e.g. an unwritable --out or a full disk: say which file, no traceback

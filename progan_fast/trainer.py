@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from . import augment as augmentmod
 from . import distributed, init_from, ops, profiling, step_choice
-from .cli import TrainingDiverged, UsageError, resolve_device
+from .checkpoint import list_checkpoints
+from .cli import DEVICE_OUT_OF_MEMORY, StepOutOfMemory, TrainingDiverged, UsageError, resolve_device
 from .config import RunOptions, TrainConfig, load_data, validate
 from .data import ImageDataset
 from .gan_state import AMP_DTYPES, GANState
@@ -248,6 +249,22 @@ class Trainer:
     def images_done(self) -> int:
         return images_before(self.phases, self.phase_index, self.step)
 
+    def _out_of_memory(self, phase: Phase) -> StepOutOfMemory:
+        """The one-line stop for a step that ran out of device memory. The step's partial updates are
+        not saved (they are no step boundary); the checkpoints written so far are, and the message
+        says which one a resume starts from and which ``--batch`` halves this resolution's batch."""
+        kept = list_checkpoints(self.folder.checkpoints)
+        where = f"the newest checkpoint, {kept[-1].name}, is intact" if kept else "no checkpoint was written yet"
+        per_rank = f", {phase.batch // self.world.size} per rank" if self.world.distributed else ""
+        smaller = f"{phase.res}:{max(1, phase.batch // 2)}"
+        again = self.options.resume_command or f"the same command with --resume auto --out {self.folder.path}"
+        if "batch" in self.options.explicit:
+            hint = f"continue with {smaller} added to --batch in: {again}"
+        else:
+            hint = f"continue with a smaller batch there: {again} --batch {smaller}"
+        return StepOutOfMemory(f"out of device memory in a training step at {phase.res}px {phase.name} (batch "
+                               f"{phase.batch}{per_rank}); {where}; {hint}")
+
     def checkpoint(self) -> Path | None:
         """Write a checkpoint (rank 0; every rank checks the weights, which are the same on all);
         refuses (TrainingDiverged) to write non-finite weights over good ones."""
@@ -341,10 +358,13 @@ class Trainer:
                 iteration.load_batch(self.dataset.at(phase.res))
             profiler.before_step(done_here)
             with profiling.nvtx_range(f"step {phase.res}px {phase.name}"):
-                if graphs is not None:
-                    graphs.step(self.phase_index, iteration)
-                else:
-                    iteration()
+                try:
+                    if graphs is not None:
+                        graphs.step(self.phase_index, iteration)
+                    else:
+                        iteration()
+                except DEVICE_OUT_OF_MEMORY as e:
+                    raise self._out_of_memory(phase) from e
             done_here += 1
             window_steps += 1
             self.step += 1

@@ -309,3 +309,41 @@ def test_an_old_paper_run_names_what_today_s_paper_preset_changed(tmp_path):
     assert str(e.value).endswith("pass --loss nonsat --total-kimg none")
     config, checkpoint = folder.checkpoint_to_resume(paper_config("--loss", "nonsat", "--total-kimg", "none"), "auto")
     assert checkpoint is None and config == old  # the run's lr table (0.001 everywhere) is kept
+
+
+# ----- issue 27 item 4: out of memory in a step ----------------------------------------------------
+
+def test_out_of_memory_in_a_step_stops_with_one_line_naming_the_phase_and_the_batch_flag(tmp_path, run_cli,
+                                                                                        monkeypatch):
+    """A device allocation failing inside a step (raised here from the step itself, as the CUDA
+    allocator raises it) ends the run with exit 1 and one error line: the phase, its batch, the
+    newest checkpoint (intact, still loadable) and the --batch that halves that resolution's batch."""
+    from progan_fast import step as stepmod
+    from progan_fast.checkpoint import list_checkpoints, load_checkpoint
+    from progan_fast.cli import DEVICE_OUT_OF_MEMORY
+
+    real_call = stepmod.Iteration.__call__
+
+    def call(self):
+        if self.res == 8:  # 4px trains (and is checkpointed at its end); the first 8px step fails
+            raise DEVICE_OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self)
+
+    monkeypatch.setattr(stepmod.Iteration, "__call__", call)
+    out = tmp_path / "run"
+    args = [a for a in TINY if a not in ("--batch", "4")]
+    result = run_cli(*args, "--out", out)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    newest = list_checkpoints(out / "checkpoints")[-1]
+    assert "out of device memory in a training step at 8px fade (batch 32)" in line, line
+    assert f"the newest checkpoint, {newest.name}, is intact" in line, line
+    assert "--resume auto" in line and line.endswith("--batch 8:16"), line
+    assert load_checkpoint(newest)["phase_index"] == 1  # the end of 4px: the 8px fade starts from it
+
+    # With --batch given, the hint says to add the entry to that table instead of a second flag.
+    result = run_cli(*TINY, "--out", tmp_path / "run2")
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 1 and "continue with 8:2 added to --batch in:" in line, line
+    monkeypatch.setattr(stepmod.Iteration, "__call__", real_call)  # memory enough now: the hint's resume runs
+    assert run_cli(*args, "--out", out, "--resume", "auto", "--batch", "8:16").returncode == 0
