@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a new run from another run's G, D and G_ema (a run folder: its newest checkpoint). "
                         "It begins in the stabilize phase of the resolution the source had reached and grows to "
                         "--max-res (not lower than that); the networks' shape (--latent-size, --fmap-base, "
-                        "--fmap-max, --mbstd-group) comes from the source, and a flag that contradicts it is "
-                        "refused. Data, schedule, loss, lr and seed are this run's; the optimizer starts afresh. "
+                        "--fmap-max, --mbstd-group, --channels) comes from the source, and a flag that contradicts "
+                        "it is refused. Data, schedule, loss, lr and seed are this run's; the optimizer starts afresh. "
                         "With another number of classes (--cond), G's label input and D's class outputs start "
                         "afresh. config.json records the source's path and SHA-256; a resume never reads it again")
 

@@ -105,6 +105,7 @@ def test_a_run_from_an_8px_run_grows_to_16px_on_other_data_and_resumes_without_i
     (["--fmap-max", "16"], ["--fmap-max 16", "fmap_max is 8"]),
     (["--latent-size", "512"], ["--latent-size 512", "latent_size is 8"]),
     (["--mbstd-group", "2"], ["--mbstd-group 2", "mbstd_group_size is 4"]),
+    (["--channels", "1"], ["--channels 1", "channels is 3"]),  # toRGB/fromRGB are shaped by it
     (["--max-res", "4"], ["--max-res 4 is lower", "8px"]),
 ])
 def test_a_flag_that_contradicts_the_source_exits_2_naming_it(source, tmp_path, capsys, flags, fragments):
