@@ -276,6 +276,7 @@ def _backend_available(name: str) -> bool:
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.slow
 def test_the_kernel_backends_take_alpha_in_a_tensor_and_never_sync(backend):
     """On a GPU a graph captures the Triton or the CUDA kernels' ops, not the reference's. Here
     Triton runs in its interpreter, and the native CPU twins register the same op schemas as the

@@ -70,6 +70,7 @@ def test_networks_keep_channels_last_through_every_layer_and_match_nchw(backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow
 def test_a_training_step_with_the_gradient_penalty_matches_nchw(backend):
     """One wgan-gp step (the penalty double-differentiates every D op) in both layouts: the same
     losses and the same updated weights, within float32 rounding."""
@@ -149,6 +150,7 @@ def test_graphed_channels_last_training_on_a_gpu_matches_eager_nchw(backend, mon
             torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4, msg=f"{name}.{k}")
 
 
+@pytest.mark.slow
 def test_a_run_resumes_across_the_flag_and_trains_as_the_nchw_run(tmp_path):
     """Checkpoints do not depend on the layout: a run stopped with --channels-last resumes without
     it, and ends where an uninterrupted NCHW run ends, within float32 rounding."""

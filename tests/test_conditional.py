@@ -93,6 +93,7 @@ def test_auxiliary_classifier_terms_against_a_hand_computation(kind):
                                weight * cross_entropy_by_hand(fake_out[:, 1:], fake_y))
 
 
+@pytest.mark.slow
 def test_d_learns_the_classes_in_a_few_hundred_steps():
     """On two colour classes, D's label accuracy on reals rises from chance (0.56 in the first 25
     steps here) to 1 (from about step 50 on)."""
@@ -168,6 +169,7 @@ def test_fake_labels_follow_the_real_distribution(monkeypatch):
 
 # ----- the command lines -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_conditional_run_resumes_bit_identically_and_samples_by_class(tmp_path, capsys):
     data = class_folder(tmp_path / "data")
     common = TINY + ["--data", str(data), "--cond", "--loss", "wgan-gp", "--mirror"]
@@ -225,6 +227,7 @@ def test_bad_conditional_setups_exit_2_with_one_message(tmp_path, capsys):
     assert "error: --cond-weight must be a non-negative number, not -1" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_two_ranks_train_a_conditional_run_like_one_process(tmp_path):
     data = class_folder(tmp_path / "data")
     args = TINY + ["--data", str(data), "--cond", "--kimg-per-phase", "0.064"]

@@ -44,6 +44,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_loses_at_most_one_interval(tmp_path):
     out = tmp_path / "run"
     args = TINY + ["--out", str(out), "--device", "cpu"]

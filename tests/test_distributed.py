@@ -119,6 +119,7 @@ def test_the_world_comes_from_torchruns_environment():
 # ----- torchrun jobs -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_to_the_same_weights_as_one_process(tmp_path):
     """Same global batch, an image folder (rank 0 builds the cache, rank 1 maps it), WGAN-GP (the
     penalty's double backward under DDP), fade and stable phases, --mirror (each rank keeps its
@@ -149,6 +150,7 @@ def test_two_gloo_ranks_train_to_the_same_weights_as_one_process(tmp_path):
     assert len(list((tmp_path / "two" / "cache").glob("*.pt"))) == 1
 
 
+@pytest.mark.slow
 def test_a_rank_ends_its_process_without_the_interpreters_finalization(tmp_path):
     """A rank _exits once it has left the group: finalizing raced gloo's worker threads and aborted
     about one 2-rank job in five after a successful run (distributed.end_process). An atexit hook
@@ -173,6 +175,7 @@ def test_a_rank_ends_its_process_without_the_interpreters_finalization(tmp_path)
     assert list_checkpoints(tmp_path / "two" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_a_run_resumes_with_a_different_number_of_ranks(tmp_path):
     args = TINY + ["--loss", "nonsat"]
     whole = run_cli(args + ["--out", str(tmp_path / "whole")])
@@ -212,6 +215,7 @@ def test_a_per_rank_batch_below_the_stddev_group_is_refused_once(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
     """Rank 1's losses are NaN at steps 3 and 4: both ranks skip those updates (else their weights
     would part), like one process whose whole batch was NaN at those steps."""
@@ -226,6 +230,7 @@ def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
     assert two.stderr.count("with non-finite losses") == len(skipped)  # one note per window, from rank 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path):
     """A terminal's Ctrl-C reaches torchrun and every rank (torchrun forwards it once more): the
     ranks agree on a step, rank 0 checkpoints, and the run resumes."""

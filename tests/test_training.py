@@ -24,6 +24,7 @@ def synthetic_images(n, res, seed=0):
 
 
 @pytest.mark.parametrize("loss", ["nonsat", "wgan-gp"])
+@pytest.mark.slow
 def test_discriminator_loss_falls_over_a_few_hundred_steps(loss):
     torch.manual_seed(0)
     cfg = NetworkConfig(max_res=8, latent_size=16, fmap_base=64, fmap_max=16)
@@ -215,6 +216,7 @@ needs_cpu_backend = pytest.mark.skipif("cpu" not in ops.all_op_implementations()
 
 
 @needs_cpu_backend
+@pytest.mark.slow
 def test_resume_with_auto_is_bit_identical_and_times_nothing_the_checkpoint_chose(tmp_path, monkeypatch, capsys):
     autotune = ops.autotune
     common = TINY + ["--loss", "wgan-gp", "--backend", "auto"]

@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 REPORT: list[str] = []  # printed by conftest's pytest_terminal_summary
 
 
+@pytest.mark.slow  # compiles every config (2 min); CI runs it on both stacks
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])

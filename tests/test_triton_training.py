@@ -84,6 +84,7 @@ def assert_same_ema_change(run: StepsRun, ref: StepsRun, rel: float = 0.01) -> N
 
 @on_cpu
 @pytest.mark.parametrize("loss", ["nonsat", "wgan-gp"])
+@pytest.mark.slow
 def test_training_steps_match_the_reference(loss):
     ref = run_steps("reference", loss)
     tri = run_steps("triton", loss)
