@@ -66,11 +66,13 @@ def _reference_backend():
 @pytest.fixture(scope="module")
 def emu():
     """The CUDA kernels' CPU emulator (tests/layout_checks.py's loader: built on first use, or the
-    build PROGAN_CUDA_EMULATION_LIBRARY names), for the channels-last files' NHWC kernel tests.
+    build PROGAN_CUDA_EMULATION_LIBRARY names), with its default (strict) settings, for the
+    channels-last files' NHWC kernel tests and tests/test_pixel_norm_fp16.py.
     tests/test_cuda_emulated.py has its own."""
     from layout_checks import load_emulator
 
     e = load_emulator()
+    e.configure()
     yield e
     e.configure()
 

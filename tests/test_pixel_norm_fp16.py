@@ -14,9 +14,6 @@ alone and fused into the convolution's epilogue.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -78,24 +75,7 @@ def test_conv_with_fused_pixel_norm_of_tiny_fp16_outputs(backend):
 
 # ----- the CUDA kernels, run by the emulator ------------------------------------------------------
 
-EMULATION = Path(__file__).resolve().parents[1] / "kernels" / "emulation"
-
-
-@pytest.fixture(scope="module")
-def emu():
-    spec = importlib.util.spec_from_file_location("progan_cuda_emulator", EMULATION / "emulator.py")
-    emulator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emulator)
-    try:
-        library = os.environ.get("PROGAN_CUDA_EMULATION_LIBRARY")
-        e = emulator.Emulator(library) if library else emulator.Emulator.load()
-    except emulator.build_module.EmulationBuildError as exc:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"the CUDA emulation did not build here: {exc}")
-    e.configure()
-    yield e
-    e.configure()
+# The emulator is conftest.py's `emu` fixture.
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
